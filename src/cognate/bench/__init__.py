@@ -1,0 +1,1 @@
+"""Benchmarks behind `cognate bench`: each prints its figures as one JSON line."""

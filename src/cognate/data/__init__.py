@@ -1,0 +1,1 @@
+"""The data curriculum: source loaders, formatting, tokenizer, mixing, packing and shards."""

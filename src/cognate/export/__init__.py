@@ -1,0 +1,1 @@
+"""Export to the Hugging Face format."""

@@ -1,0 +1,1 @@
+"""The Cognate model: transformer core, recursive refinement, ACT halting, long-term memory."""

@@ -1,0 +1,1 @@
+"""Optimizers: Muon, Grokfast gradient filters, and their combination MuGrokfast."""
