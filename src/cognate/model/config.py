@@ -1,0 +1,190 @@
+"""Model configuration and named presets, as plain dataclasses (in the style of litgpt's config.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names every offending field."""
+
+
+@dataclass(frozen=True)
+class CognateConfig:
+    # Transformer core.
+    vocab_size: int = 32_000
+    d_model: int = 216
+    n_layers: int = 11
+    n_heads: int = 4
+    ffn_hidden: int = 864
+    max_seq_len: int = 4096
+    attn_window: int | None = None  # sliding-window size in tokens; None = full causal attention
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    dropout: float = 0.0
+
+    # Recursive refinement (TRM-style): h_t = core(h_{t-1} + e), logits at every step.
+    t_train: int = 4  # refinement steps while training
+    t_infer: int = 2  # maximum refinement steps at inference (ACT may stop a token earlier)
+    grad_steps: int = 2  # how many of the last training steps carry gradients; earlier ones run under no_grad
+
+    # ACT halting.
+    act_enabled: bool = True
+    act_threshold: float = 0.5  # a token halts at the first step whose halting probability passes this
+    act_entropy_weight: float = 0.01  # inside L_act: keeps halting probabilities from saturating early
+    act_diversity_weight: float = 0.05  # inside L_act: penalises every token halting alike
+    act_target_variance: float = (
+        0.05  # the per-token variance of halting probabilities below which we penalise
+    )
+
+    # Titans-style long-term memory.
+    mem_enabled: bool = True
+    mem_capacity: int = 64  # slots per sequence
+    mem_topk: int = 8  # slots each token reads
+    mem_dim: int = 128  # width of a memory slot
+    mem_chunk_size: int = (
+        64  # tokens per write; a token reads only slots written from strictly earlier chunks
+    )
+    mem_decay: float = 0.99  # per-chunk retention of a slot's strength (forgetting)
+    mem_min_seq_len: int = 1024  # shorter inputs run with memory reads and writes off
+
+    # Loss weights: L = L_ref + w_act * L_act + w_read * L_read + w_write * L_write.
+    w_act: float = 0.1
+    w_read: float = 0.05
+    w_write: float = 0.05
+
+    gradient_checkpointing: bool = False
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        problems = list(_problems(self))
+        if problems:
+            raise ConfigError("invalid CognateConfig: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def replace(self, **changes) -> CognateConfig:
+        """A copy with some fields changed, validated again."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> CognateConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown CognateConfig fields: {', '.join(unknown)}")
+        return cls(**values)
+
+
+def _problems(c: CognateConfig):
+    positive = (
+        "vocab_size",
+        "d_model",
+        "n_layers",
+        "n_heads",
+        "ffn_hidden",
+        "max_seq_len",
+        "t_train",
+        "t_infer",
+        "grad_steps",
+        "mem_capacity",
+        "mem_topk",
+        "mem_dim",
+        "mem_chunk_size",
+    )
+    for name in positive:
+        if getattr(c, name) <= 0:
+            yield f"{name}={getattr(c, name)} must be positive"
+    if c.n_heads > 0 and c.d_model % c.n_heads:
+        yield f"n_heads={c.n_heads} does not divide d_model={c.d_model}"
+    elif c.n_heads > 0 and (c.d_model // c.n_heads) % 2:
+        yield f"head_dim=d_model/n_heads={c.d_model // c.n_heads} must be even for rotary positions"
+    if c.attn_window is not None and c.attn_window <= 0:
+        yield f"attn_window={c.attn_window} must be positive or None"
+    if c.grad_steps > c.t_train:
+        yield f"grad_steps={c.grad_steps} exceeds t_train={c.t_train}"
+    if c.mem_topk > c.mem_capacity:
+        yield f"mem_topk={c.mem_topk} exceeds mem_capacity={c.mem_capacity}"
+    if not 0.0 < c.act_threshold < 1.0:
+        yield f"act_threshold={c.act_threshold} must lie in (0, 1)"
+    if not 0.0 < c.mem_decay <= 1.0:
+        yield f"mem_decay={c.mem_decay} must lie in (0, 1]"
+    if not 0.0 <= c.dropout < 1.0:
+        yield f"dropout={c.dropout} must lie in [0, 1)"
+    for name in (
+        "w_act",
+        "w_read",
+        "w_write",
+        "act_entropy_weight",
+        "act_diversity_weight",
+        "act_target_variance",
+    ):
+        if getattr(c, name) < 0:
+            yield f"{name}={getattr(c, name)} must be non-negative"
+
+
+# Named presets. `cognate-25m` is the seed models' architecture; `reasoning`, `memory` and `speed` are its
+# specializations from the Phase 1 document and differ in the settings that define them (recursion depth, halting,
+# memory), not just in their seed. `tiny` trains in minutes on a 2-core CPU.
+PRESETS: dict[str, CognateConfig] = {}
+
+
+def _register(config: CognateConfig) -> None:
+    PRESETS[config.name] = config
+
+
+_BASE = CognateConfig(name="cognate-25m")
+_register(_BASE)
+_register(
+    _BASE.replace(
+        name="reasoning", t_train=8, t_infer=4, grad_steps=2, act_threshold=0.6, mem_min_seq_len=2048
+    )
+)
+_register(
+    _BASE.replace(
+        name="memory",
+        t_train=4,
+        t_infer=2,
+        mem_capacity=128,
+        mem_topk=16,
+        attn_window=512,
+        max_seq_len=8192,
+        mem_min_seq_len=512,
+    )
+)
+_register(
+    _BASE.replace(name="speed", t_train=2, t_infer=1, grad_steps=1, act_threshold=0.4, mem_enabled=False)
+)
+_register(
+    CognateConfig(
+        name="tiny",
+        vocab_size=32_000,
+        d_model=128,
+        n_layers=4,
+        n_heads=4,
+        ffn_hidden=512,
+        max_seq_len=1024,
+        t_train=3,
+        t_infer=2,
+        grad_steps=2,
+        mem_capacity=32,
+        mem_topk=4,
+        mem_dim=64,
+        mem_chunk_size=32,
+        mem_min_seq_len=512,
+    )
+)
+
+
+def get_preset(name: str) -> CognateConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}") from None
