@@ -188,3 +188,30 @@ def get_preset(name: str) -> CognateConfig:
         return PRESETS[name]
     except KeyError:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}") from None
+
+
+# The settings that define a specialization. `specialize(config, "memory")` keeps the size of `config` (a `tiny`
+# model stays tiny) and takes these from the specialization's preset.
+SPECIALIZATION_FIELDS = (
+    "t_train",
+    "t_infer",
+    "grad_steps",
+    "act_threshold",
+    "attn_window",
+    "mem_enabled",
+    "mem_min_seq_len",
+    "mem_decay",
+)
+SPECIALIZATIONS = ("reasoning", "memory", "speed")
+
+
+def specialize(config: CognateConfig, specialization: str) -> CognateConfig:
+    if specialization not in SPECIALIZATIONS:
+        raise ConfigError(
+            f"unknown specialization {specialization!r}; choose one of: {', '.join(SPECIALIZATIONS)}"
+        )
+    source = PRESETS[specialization]
+    changes = {name: getattr(source, name) for name in SPECIALIZATION_FIELDS}
+    if changes["attn_window"] is not None:
+        changes["attn_window"] = min(changes["attn_window"], config.max_seq_len)
+    return config.replace(name=f"{config.name}-{specialization}", **changes)

@@ -1,0 +1,136 @@
+"""Training configuration: one frozen dataclass, validated, loadable from YAML with command-line overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from cognate.model.config import ConfigError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 42
+    batch_size: int = 8  # sequences per micro-batch, summed over processes
+    grad_accum: int = 4  # micro-batches per optimizer update
+    max_tokens: int = 50_000_000  # the schedule's length; training stops here at the latest
+    max_steps: int | None = (
+        None  # optional cap on optimizer updates (quick runs), the schedule keeps max_tokens
+    )
+    max_minutes: float | None = None  # optional wall-clock cap; stops cleanly with a checkpoint
+
+    optimizer: str = "mugrokfast"  # adamw | muon | mugrokfast
+    optimizer_preset: str = "phase1-reduced"  # a named setting from cognate.optim
+    lr: float | None = None  # overrides the preset's AdamW learning rate
+    muon_lr: float | None = None  # overrides the preset's Muon learning rate
+    warmup_tokens: int = 2_000_000
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of each group's base rate
+    clip_norm: float = 1.0
+
+    eval_interval: int = 100  # optimizer updates between validations
+    eval_batches: int = 16
+    patience: int = 5  # validations without an improvement of at least min_delta before stopping
+    min_delta: float = 0.0
+    log_interval: int = 10
+    checkpoint_interval: int = 100
+    max_nonfinite_steps: int = 5  # consecutive skipped steps (NaN/inf loss or gradient norm) before giving up
+
+    bf16: bool = True  # autocast to bfloat16 on CPU and GPU
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    long_fraction: float | None = (
+        None  # share of micro-batches drawn from long rows; None = the data's token share
+    )
+    sample_prompts: tuple[str, ...] = ()  # generated from at each validation, to watch for collapse
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "max_tokens",
+            "eval_interval",
+            "eval_batches",
+            "log_interval",
+            "checkpoint_interval",
+            "max_nonfinite_steps",
+        ):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name}={getattr(self, name)} must be positive")
+        if self.optimizer not in ("adamw", "muon", "mugrokfast"):
+            problems.append(f"optimizer={self.optimizer!r} must be one of adamw, muon, mugrokfast")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            problems.append(f"min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
+        if self.warmup_tokens < 0 or self.warmup_tokens >= self.max_tokens:
+            problems.append(
+                f"warmup_tokens={self.warmup_tokens} must lie in [0, max_tokens={self.max_tokens})"
+            )
+        if self.long_fraction is not None and not 0.0 <= self.long_fraction <= 1.0:
+            problems.append(f"long_fraction={self.long_fraction} must lie in [0, 1]")
+        if self.patience <= 0:
+            problems.append(f"patience={self.patience} must be positive")
+        if problems:
+            raise ConfigError("invalid TrainConfig: " + "; ".join(problems))
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Quick settings for `--test`: a handful of updates that exercise validation, checkpointing and logging.
+TEST_OVERRIDES = dict(
+    max_steps=8,
+    batch_size=2,
+    grad_accum=2,
+    eval_interval=4,
+    eval_batches=2,
+    log_interval=1,
+    checkpoint_interval=4,
+    warmup_tokens=0,
+)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """`key=value` strings from the command line, values parsed as YAML scalars (so 3e-4, true, null work)."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"override {pair!r} is not of the form key=value")
+        overrides[key.strip()] = _scalar(value)
+    return overrides
+
+
+def _scalar(text: str):
+    value = yaml.safe_load(text)
+    if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string; a float is what anyone means
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def split_overrides(values: dict, model_fields: set[str]) -> tuple[dict, dict]:
+    """Route each override to the model or the training config; an unknown key is an error naming it."""
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - train_fields - model_fields)
+    if unknown:
+        raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+    model = {k: v for k, v in values.items() if k in model_fields}
+    train = {k: v for k, v in values.items() if k in train_fields}
+    if "sample_prompts" in train:
+        train["sample_prompts"] = tuple(train["sample_prompts"])
+    return model, train
+
+
+def load_yaml(path: Path) -> dict:
+    values = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping of key: value")
+    return values

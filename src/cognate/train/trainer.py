@@ -1,0 +1,396 @@
+"""The training loop: gradient accumulation, clipping, token-scheduled learning rate, validation with early
+stopping, a non-finite guard, atomic checkpoints with exact resume, and DDP under torchrun."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from cognate.model.config import CognateConfig
+from cognate.model.model import CognateModel
+from cognate.train import checkpoint
+from cognate.train.config import TrainConfig
+from cognate.train.data import TrainingData
+from cognate.train.distributed import Distributed
+from cognate.train.metrics import MetricsLog, format_duration
+from cognate.train.optimizer import build_optimizer
+from cognate.train.schedule import lr_multiplier
+from cognate.train.throughput import flops_per_token, measure_matmul_flops
+
+CHECKPOINT = "checkpoint.pt"
+BEST_MODEL = "best_model.pt"
+RUN_CONFIG = "run_config.json"
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many consecutive steps had a NaN/inf loss or gradient norm."""
+
+
+class RunFolderError(RuntimeError):
+    """The run folder holds a different run."""
+
+
+@dataclass
+class Progress:
+    """Everything about where a run stands, besides model/optimizer/data state. Saved in every checkpoint."""
+
+    step: int = 0  # optimizer updates taken (skipped steps included)
+    tokens: int = 0  # training tokens consumed, over all processes
+    best_val_loss: float = math.inf
+    evals_without_improvement: int = 0
+    skipped_steps: int = 0
+    consecutive_skipped: int = 0
+    elapsed_s: float = 0.0
+    stop_reason: str | None = None
+
+
+def prepare_run_dir(run_dir: Path, run_config: dict, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two different runs in one folder unless told to resume (same config) or overwrite."""
+    path = run_dir / RUN_CONFIG
+    if path.exists() and not overwrite:
+        existing = json.loads(path.read_text())
+        if existing != run_config:
+            changed = sorted(
+                k for k in set(existing) | set(run_config) if existing.get(k) != run_config.get(k)
+            )
+            raise RunFolderError(
+                f"{run_dir} holds a run with a different config (differs in: {', '.join(changed)}); "
+                "pass --overwrite to replace it or choose another folder"
+            )
+        if not resume and (run_dir / CHECKPOINT).exists():
+            raise RunFolderError(
+                f"{run_dir} already holds this run; pass --resume to continue or --overwrite"
+            )
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(run_config, indent=2, sort_keys=True))
+
+
+def train(
+    model_config: CognateConfig,
+    config: TrainConfig,
+    data_dir: Path,
+    run_dir: Path,
+    dist: Distributed,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    wandb_mode: str = "disabled",
+    tensorboard: bool = False,
+) -> dict:
+    """Train one model; returns the final progress and validation figures (also written to RUN/summary.json)."""
+    run_dir = Path(run_dir)
+    run_config = {
+        "model": model_config.to_dict(),
+        "train": config.to_dict(),
+        "data": str(Path(data_dir).resolve()),
+    }
+    if dist.is_main:
+        prepare_run_dir(run_dir, run_config, resume=resume, overwrite=overwrite)
+    dist.barrier()
+
+    torch.manual_seed(config.seed)  # same initialisation on every rank
+    model = CognateModel(model_config.replace(gradient_checkpointing=config.gradient_checkpointing)).to(
+        dist.device
+    )
+    optimizer = build_optimizer(model, config)
+    data = TrainingData(
+        data_dir,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        long_fraction=config.long_fraction,
+    )
+    progress = Progress()
+    if resume and (run_dir / CHECKPOINT).exists():
+        progress = _restore(run_dir / CHECKPOINT, model, optimizer, data, dist)
+    ddp_model = DistributedDataParallel(model) if dist.enabled else model
+    forward = torch.compile(ddp_model) if config.compile else ddp_model
+
+    total_steps = _total_steps(config, data.tokens_per_micro_batch)
+    peak_flops = measure_matmul_flops(torch.bfloat16 if config.bf16 else torch.float32, dist.device)
+    flops = flops_per_token(
+        model,
+        model_config,
+        data.short_len,
+        grad_steps=model_config.grad_steps,
+        no_grad_steps=model_config.t_train - model_config.grad_steps,
+    )
+    log = (
+        MetricsLog(
+            run_dir,
+            total_steps,
+            run_config,
+            resume_step=progress.step,
+            wandb_mode=wandb_mode,
+            tensorboard=tensorboard,
+        )
+        if dist.is_main
+        else None
+    )
+    autocast = _autocast(dist.device, config.bf16)
+    start_time, start_step, start_tokens = time.perf_counter(), progress.step, progress.tokens
+    window = _Window()
+
+    try:
+        while progress.step < total_steps and progress.stop_reason is None:
+            multiplier = lr_multiplier(
+                progress.tokens, config.warmup_tokens, config.max_tokens, config.min_lr_ratio
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * multiplier
+            step_start = time.perf_counter()
+            loss, act, tokens = _accumulate(forward, model, data, config.grad_accum, autocast, dist)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm).item()
+            finite = dist.all_true(math.isfinite(loss) and math.isfinite(grad_norm))
+            if finite:
+                optimizer.step()
+                progress.consecutive_skipped = 0
+            else:
+                progress.skipped_steps += 1
+                progress.consecutive_skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+            progress.tokens += tokens
+            window.add(loss if finite else None, grad_norm, act, tokens, time.perf_counter() - step_start)
+            if log is not None:
+                log.advance()
+            if progress.consecutive_skipped >= config.max_nonfinite_steps:
+                raise NonFiniteTrainingError(
+                    f"{progress.consecutive_skipped} consecutive steps had a non-finite loss or gradient norm "
+                    f"(last loss {loss}, grad norm {grad_norm}); the last good checkpoint is {run_dir / CHECKPOINT}"
+                )
+
+            row = None
+            if progress.step % config.log_interval == 0 or progress.step == total_steps:
+                elapsed = time.perf_counter() - start_time
+                rate = (progress.tokens - start_tokens) / max(elapsed, 1e-9)
+                remaining = (total_steps - progress.step) * elapsed / max(progress.step - start_step, 1)
+                row = window.row(
+                    progress,
+                    multiplier * optimizer.param_groups[0]["base_lr"],
+                    rate,
+                    rate * flops / peak_flops,
+                    format_duration(remaining),
+                )
+            if progress.step % config.eval_interval == 0 or progress.step == total_steps:
+                row = row or {"step": progress.step, "tokens": progress.tokens}
+                row.update(_validate(model, data, config.eval_batches, autocast, dist))
+                _early_stopping(progress, row["val_loss"], config, model, run_dir, dist)
+            if row is not None and log is not None:
+                log.log(row)
+            out_of_time = config.max_minutes is not None and (
+                progress.elapsed_s + time.perf_counter() - start_time > 60 * config.max_minutes
+            )
+            if dist.all_true(out_of_time) and progress.stop_reason is None:
+                progress.stop_reason = "time budget reached"
+            if (
+                progress.step % config.checkpoint_interval == 0
+                or progress.stop_reason
+                or progress.step == total_steps
+            ):
+                _save(run_dir, model, optimizer, data, progress, start_time, dist)
+        progress.stop_reason = progress.stop_reason or "token budget reached"
+        progress.elapsed_s += time.perf_counter() - start_time
+    finally:
+        if log is not None:
+            log.close()
+    summary = {
+        "stop_reason": progress.stop_reason,
+        "steps": progress.step,
+        "tokens": progress.tokens,
+        "skipped_steps": progress.skipped_steps,
+        "best_val_loss": progress.best_val_loss,
+        "wall_time_s": progress.elapsed_s,
+        "peak_flops": peak_flops,
+        "flops_per_token": flops,
+    }
+    if dist.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _total_steps(config: TrainConfig, tokens_per_micro_batch: int) -> int:
+    steps = math.ceil(config.max_tokens / (tokens_per_micro_batch * config.grad_accum))
+    return min(steps, config.max_steps) if config.max_steps is not None else steps
+
+
+def _autocast(device: torch.device, bf16: bool):
+    if not bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _accumulate(forward, model, data: TrainingData, grad_accum: int, autocast, dist: Distributed):
+    """Forward/backward over `grad_accum` micro-batches. Each process's loss is weighted by its share of the
+    global valid-token count, so DDP's gradient average equals the single-process token mean."""
+    model.train()
+    total_loss, act_mean, act_var, tokens = 0.0, 0.0, 0.0, 0
+    for micro in range(grad_accum):
+        input_ids, targets, global_valid, global_tokens = data.next_batch()
+        input_ids, targets = input_ids.to(dist.device), targets.to(dist.device)
+        local_valid = int((targets != -100).sum())
+        weight = local_valid * dist.world_size / max(global_valid, 1) / grad_accum
+        sync = contextlib.nullcontext() if micro == grad_accum - 1 or not dist.enabled else forward.no_sync()
+        with sync:
+            with autocast():
+                out = forward(input_ids, targets=targets)
+            (out.loss * weight).backward()
+        total_loss += out.loss.item() * local_valid / max(global_valid, 1) * dist.world_size / grad_accum
+        act_mean += float(out.act["mean_steps"]) / grad_accum
+        act_var += float(out.act["var_steps"]) / grad_accum
+        tokens += global_tokens
+    if dist.enabled:
+        reduced = torch.tensor([total_loss], device=dist.device)
+        torch.distributed.all_reduce(reduced)
+        total_loss = reduced.item() / dist.world_size
+    return total_loss, {"mean_steps": act_mean, "var_steps": act_var}, tokens
+
+
+@torch.no_grad()
+def _validate(model, data: TrainingData, n_batches: int, autocast, dist: Distributed) -> dict:
+    """Token-weighted mean loss over the held-out split, with the model in inference mode (t_infer steps, ACT)."""
+    model.eval()
+    loss_sum = torch.zeros(2, device=dist.device, dtype=torch.float64)
+    act_steps = []
+    for input_ids, targets in data.validation_batches(n_batches):
+        input_ids, targets = input_ids.to(dist.device), targets.to(dist.device)
+        with autocast():
+            out = model(input_ids, targets=targets)
+        valid = int((targets != -100).sum())
+        loss_sum += torch.tensor(
+            [float(out.losses["ref"]) * valid, valid], device=dist.device, dtype=torch.float64
+        )
+        act_steps.append(float(out.act["mean_steps"]))
+    if dist.enabled:
+        torch.distributed.all_reduce(loss_sum)
+    model.train()
+    val_loss = (loss_sum[0] / loss_sum[1].clamp_min(1)).item()
+    return {
+        "val_loss": val_loss,
+        "val_ppl": math.exp(min(val_loss, 50.0)),
+        "val_act_mean_steps": sum(act_steps) / max(len(act_steps), 1),
+    }
+
+
+def _early_stopping(
+    progress: Progress, val_loss: float, config: TrainConfig, model, run_dir: Path, dist: Distributed
+) -> None:
+    if val_loss < progress.best_val_loss - config.min_delta:
+        progress.best_val_loss = val_loss
+        progress.evals_without_improvement = 0
+        if dist.is_main:
+            checkpoint.save_atomic(
+                {"model": model.state_dict(), "step": progress.step, "val_loss": val_loss},
+                run_dir / BEST_MODEL,
+            )
+    else:
+        progress.evals_without_improvement += 1
+        if progress.evals_without_improvement >= config.patience:
+            progress.stop_reason = (
+                f"early stopping: no validation improvement of {config.min_delta} in "
+                f"{config.patience} validations"
+            )
+
+
+def _save(
+    run_dir: Path,
+    model,
+    optimizer,
+    data: TrainingData,
+    progress: Progress,
+    start_time: float,
+    dist: Distributed,
+) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "data": data.state_dict(),
+        "rng": _rng_state(),
+        "progress": {**progress.__dict__, "elapsed_s": progress.elapsed_s + time.perf_counter() - start_time},
+    }
+    if dist.is_main:
+        checkpoint.save_atomic(state, run_dir / CHECKPOINT)
+    dist.barrier()
+
+
+def _restore(path: Path, model, optimizer, data: TrainingData, dist: Distributed) -> Progress:
+    state = checkpoint.load(path, map_location=dist.device)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    data.load_state_dict(state["data"])
+    _set_rng_state(state["rng"])
+    progress = Progress(**state["progress"])
+    if progress.stop_reason == "time budget reached":  # a new invocation brings a new time budget
+        progress.stop_reason = None
+    return progress
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _Window:
+    """Running sums between two log lines."""
+
+    def __init__(self):
+        self._reset()
+
+    def _reset(self):
+        self.losses, self.grad_norms, self.act_mean, self.act_var, self.tokens, self.seconds = (
+            [],
+            [],
+            [],
+            [],
+            0,
+            0.0,
+        )
+
+    def add(self, loss, grad_norm, act, tokens, seconds):
+        if loss is not None:
+            self.losses.append(loss)
+        self.grad_norms.append(grad_norm)
+        self.act_mean.append(act["mean_steps"])
+        self.act_var.append(act["var_steps"])
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def row(self, progress: Progress, lr: float, tokens_per_s: float, mfu: float, eta: str) -> dict:
+        def mean(values):
+            return sum(values) / len(values) if values else None
+
+        row = {
+            "step": progress.step,
+            "tokens": progress.tokens,
+            "loss": mean(self.losses),
+            "lr": lr,
+            "grad_norm": mean([g for g in self.grad_norms if math.isfinite(g)]),
+            "tokens_per_s": tokens_per_s,
+            "step_tokens_per_s": self.tokens / max(self.seconds, 1e-9),
+            "mfu": mfu,
+            "act_mean_steps": mean(self.act_mean),
+            "act_var_steps": mean(self.act_var),
+            "skipped_steps": progress.skipped_steps,
+            "eta": eta,
+        }
+        self._reset()
+        return row

@@ -1,0 +1,102 @@
+"""The trainer's pure parts: schedule, config validation and overrides, atomic checkpoints, metrics log."""
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cognate.model.config import ConfigError
+from cognate.train import checkpoint
+from cognate.train.config import TrainConfig, parse_overrides, split_overrides
+from cognate.train.metrics import MetricsLog
+from cognate.train.schedule import lr_multiplier
+
+
+def test_schedule_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    warmup, total, floor = 1000, 11_000, 0.1
+    assert lr_multiplier(0, warmup, total, floor) == pytest.approx(1 / 1001)
+    assert lr_multiplier(499, warmup, total, floor) == pytest.approx(500 / 1001)
+    assert lr_multiplier(warmup, warmup, total, floor) == pytest.approx(1.0)
+    assert lr_multiplier(warmup + 5000, warmup, total, floor) == pytest.approx(floor + (1 - floor) * 0.5)
+    assert lr_multiplier(total, warmup, total, floor) == pytest.approx(floor)
+    assert lr_multiplier(10 * total, warmup, total, floor) == pytest.approx(floor)
+
+
+@given(st.integers(0, 10**7), st.integers(0, 10**5), st.integers(1, 10**7), st.floats(0, 1))
+def test_schedule_stays_within_floor_and_one(tokens, warmup, extra, floor):
+    value = lr_multiplier(tokens, warmup, warmup + extra, floor)
+    assert min(floor, 1 / (warmup + 1)) - 1e-12 <= value <= 1.0 + 1e-12
+
+
+def test_schedule_is_monotone_after_warmup():
+    values = [lr_multiplier(t, 100, 10_000, 0.0) for t in range(100, 10_001, 100)]
+    assert all(a >= b for a, b in itertools.pairwise(values))
+
+
+def test_train_config_names_every_bad_field():
+    with pytest.raises(ConfigError) as error:
+        TrainConfig(batch_size=0, optimizer="sgd", warmup_tokens=10, max_tokens=5)
+    message = str(error.value)
+    assert "batch_size=0" in message and "optimizer='sgd'" in message and "warmup_tokens=10" in message
+
+
+def test_overrides_parse_yaml_scalars_and_route_to_model_or_training():
+    values = parse_overrides(["lr=3e-4", "t_train=6", "bf16=false", "attn_window=null"])
+    model, train = split_overrides(values, {"t_train", "attn_window"})
+    assert model == {"t_train": 6, "attn_window": None}
+    assert train == {"lr": 3e-4, "bf16": False}
+    with pytest.raises(ConfigError, match="unknown config keys: nope"):
+        split_overrides({"nope": 1}, {"t_train"})
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["lr"])
+
+
+def test_checkpoint_round_trips_tensors_and_plain_values(tmp_path):
+    state = {
+        "model": {"w": torch.randn(3, 3)},
+        "progress": {"step": 7, "best": math.inf},
+        "rng": torch.get_rng_state(),
+    }
+    checkpoint.save_atomic(state, tmp_path / "ckpt.pt")
+    loaded = checkpoint.load(tmp_path / "ckpt.pt")
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"])
+    assert loaded["progress"] == state["progress"]
+    assert list(tmp_path.iterdir()) == [tmp_path / "ckpt.pt"]  # no temporary file left behind
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save_atomic({"step": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        checkpoint.save_atomic({"step": 2, "bad": Unpicklable()}, path)
+    assert checkpoint.load(path) == {"step": 1}
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_checkpoint_refuses_arbitrary_objects(tmp_path):
+    torch.save({"obj": ConfigError("x")}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match=r"[Ww]eights only"):
+        checkpoint.load(tmp_path / "evil.pt")
+
+
+def test_metrics_log_drops_rows_past_the_resumed_step_and_plots(tmp_path):
+    log = MetricsLog(tmp_path, total_steps=10, config={}, progress=False)
+    for step in range(1, 6):
+        log.log({"step": step, "tokens": 100 * step, "loss": 5.0 - step / 10, "lr": 1e-3})
+    log.close()
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    resumed = MetricsLog(tmp_path, total_steps=10, config={}, resume_step=3, progress=False)
+    resumed.log({"step": 4, "tokens": 400, "loss": 1.0})
+    resumed.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]["loss"] == 1.0
