@@ -13,9 +13,18 @@ import sys
 # command name -> (module, one-line help). Nested groups map to their own tables.
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("cognate.model.commands", "print a preset's configuration and parameter counts"),
+    "train": ("cognate.train.commands", "train one model (single process, or DDP under torchrun)"),
 }
 
 GROUPS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
+    "data": (
+        "prepare the training curriculum",
+        {"prepare": ("cognate.data.prepare_command", "load, mix, tokenize and pack the curriculum into shards")},
+    ),
+    "tokenizer": (
+        "build the byte-level BPE tokenizer",
+        {"train": ("cognate.data.tokenizer_command", "train a byte-level BPE on the curriculum's training text")},
+    ),
     "bench": (
         "run a benchmark and print its figures as one JSON line",
         {

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     dist = distributed.setup(args.device)
     try:
-        data_dir = ensure_data(args.data, args.out / "data", dist)
+        data_dir = ensure_data(args.data, dist)
         model_config, train_config = resolve_configs(args, vocab_size=tokenizer_vocab_size(data_dir))
         summary = train(
             model_config,

@@ -41,9 +41,6 @@ class TrainConfig:
     bf16: bool = True  # autocast to bfloat16 on CPU and GPU
     gradient_checkpointing: bool = False
     compile: bool = False
-    long_fraction: float | None = (
-        None  # share of micro-batches drawn from long rows; None = the data's token share
-    )
     sample_prompts: tuple[str, ...] = ()  # generated from at each validation, to watch for collapse
 
     def __post_init__(self) -> None:
@@ -68,8 +65,6 @@ class TrainConfig:
             problems.append(
                 f"warmup_tokens={self.warmup_tokens} must lie in [0, max_tokens={self.max_tokens})"
             )
-        if self.long_fraction is not None and not 0.0 <= self.long_fraction <= 1.0:
-            problems.append(f"long_fraction={self.long_fraction} must lie in [0, 1]")
         if self.patience <= 0:
             problems.append(f"patience={self.patience} must be positive")
         if problems:

@@ -103,14 +103,7 @@ def train(
         dist.device
     )
     optimizer = build_optimizer(model, config)
-    data = TrainingData(
-        data_dir,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        long_fraction=config.long_fraction,
-    )
+    data = TrainingData(data_dir, batch_size=config.batch_size, seed=config.seed, dist=dist)
     progress = Progress()
     if resume and (run_dir / CHECKPOINT).exists():
         progress = _restore(run_dir / CHECKPOINT, model, optimizer, data, dist)
@@ -122,7 +115,7 @@ def train(
     flops = flops_per_token(
         model,
         model_config,
-        data.short_len,
+        data.seq_lens["short"],
         grad_steps=model_config.grad_steps,
         no_grad_steps=model_config.t_train - model_config.grad_steps,
     )
@@ -232,29 +225,38 @@ def _autocast(device: torch.device, bf16: bool):
 
 
 def _accumulate(forward, model, data: TrainingData, grad_accum: int, autocast, dist: Distributed):
-    """Forward/backward over `grad_accum` micro-batches. Each process's loss is weighted by its share of the
-    global valid-token count, so DDP's gradient average equals the single-process token mean."""
+    """Forward/backward over `grad_accum` micro-batches.
+
+    Each micro-batch's mean loss is weighted by its share of the step's valid tokens over all processes (times
+    the world size, which DDP's gradient average divides out), so one process and W processes over the same
+    global batch compute the same gradient: the token mean over the whole step.
+    """
     model.train()
-    total_loss, act_mean, act_var, tokens = 0.0, 0.0, 0.0, 0
-    for micro in range(grad_accum):
-        input_ids, targets, global_valid, global_tokens = data.next_batch()
+    batches = [data.next_batch() for _ in range(grad_accum)]
+    counts = torch.tensor([[int((t != -100).sum()), t.numel()] for _, t in batches], dtype=torch.float64)
+    step_valid, step_tokens = _global_sum(counts.sum(0), dist).tolist()
+    total_loss, act_mean, act_var = 0.0, 0.0, 0.0
+    for micro, (input_ids, targets) in enumerate(batches):
         input_ids, targets = input_ids.to(dist.device), targets.to(dist.device)
-        local_valid = int((targets != -100).sum())
-        weight = local_valid * dist.world_size / max(global_valid, 1) / grad_accum
+        weight = counts[micro, 0].item() * dist.world_size / max(step_valid, 1.0)
         sync = contextlib.nullcontext() if micro == grad_accum - 1 or not dist.enabled else forward.no_sync()
         with sync:
             with autocast():
                 out = forward(input_ids, targets=targets)
             (out.loss * weight).backward()
-        total_loss += out.loss.item() * local_valid / max(global_valid, 1) * dist.world_size / grad_accum
+        total_loss += out.loss.item() * weight / dist.world_size
         act_mean += float(out.act["mean_steps"]) / grad_accum
         act_var += float(out.act["var_steps"]) / grad_accum
-        tokens += global_tokens
-    if dist.enabled:
-        reduced = torch.tensor([total_loss], device=dist.device)
-        torch.distributed.all_reduce(reduced)
-        total_loss = reduced.item() / dist.world_size
-    return total_loss, {"mean_steps": act_mean, "var_steps": act_var}, tokens
+    total_loss = _global_sum(torch.tensor([total_loss], dtype=torch.float64), dist).item()
+    return total_loss, {"mean_steps": act_mean, "var_steps": act_var}, int(step_tokens)
+
+
+def _global_sum(values: torch.Tensor, dist: Distributed) -> torch.Tensor:
+    if not dist.enabled:
+        return values
+    values = values.to(dist.device)
+    torch.distributed.all_reduce(values)
+    return values.cpu()
 
 
 @torch.no_grad()
