@@ -19,11 +19,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 GROUPS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
     "data": (
         "prepare the training curriculum",
-        {"prepare": ("cognate.data.prepare_command", "load, mix, tokenize and pack the curriculum into shards")},
+        {"prepare": ("cognate.data.prepare_command", "load, mix, tokenize and pack the curriculum")},
     ),
     "tokenizer": (
         "build the byte-level BPE tokenizer",
-        {"train": ("cognate.data.tokenizer_command", "train a byte-level BPE on the curriculum's training text")},
+        {"train": ("cognate.data.tokenizer_command", "train a byte-level BPE on the curriculum")},
     ),
     "bench": (
         "run a benchmark and print its figures as one JSON line",

@@ -1,0 +1,141 @@
+"""Reading a prepared folder: packed rows as (input_ids, targets), and a resumable order over them.
+
+    data = PackedDataset(out_dir, split="train", kind="short")
+    input_ids, targets = data[0]          # int64 tensors of seq_len; targets[i] is the token after input_ids[i]
+    sampler = MixedBatchSampler({"short": len(short), "long": len(long)}, {"short": 32, "long": 4}, seed=0)
+    for kind, rows in sampler: ...        # state_dict()/load_state_dict() resume exactly where it stopped
+
+Targets are -100 at padding and wherever the input token is the end-of-document token (the next token there
+starts another document). See docs/data.md for the on-disk layout.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cognate.data.packing import loss_targets
+from cognate.data.tokenizer import SpecialTokenIds
+
+MANIFEST = "manifest.json"
+SPLITS = ("train", "validation")
+KINDS = ("short", "long")
+
+
+def read_manifest(folder: str | Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: prepare the folder with `cognate data prepare`")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """The rows of one split and kind, memory-mapped from the uint16 shards."""
+
+    def __init__(self, folder: str | Path, split: str = "train", kind: str = "short"):
+        if split not in SPLITS or kind not in KINDS:
+            raise ValueError(
+                f"split must be one of {SPLITS} and kind one of {KINDS}, got {split!r}, {kind!r}"
+            )
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        self.seq_len = int(manifest["sequence_lengths"][kind])
+        self.special = SpecialTokenIds(**manifest["tokenizer"]["special_token_ids"])
+        shards = manifest["shards"][split][kind]
+        self._shards = [
+            np.memmap(folder / s["path"], dtype=np.uint16, mode="r", shape=(s["rows"], self.seq_len + 1))
+            for s in shards
+            if s["rows"]
+        ]
+        self._first_row = np.cumsum([0] + [len(s) for s in self._shards])
+
+    def __len__(self) -> int:
+        return int(self._first_row[-1])
+
+    def rows(self, indices: np.ndarray | list[int]) -> np.ndarray:
+        """Raw packed rows (seq_len + 1 tokens each) for `indices`, as one array."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"row index out of range for {len(self)} rows")
+        shard = np.searchsorted(self._first_row, indices, side="right") - 1
+        out = np.empty((len(indices), self.seq_len + 1), dtype=np.uint16)
+        for s in np.unique(shard):
+            where = shard == s
+            out[where] = self._shards[s][indices[where] - self._first_row[s]]
+        return out
+
+    def batch(self, indices: np.ndarray | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, targets), each int64 of shape (len(indices), seq_len)."""
+        inputs, targets = loss_targets(self.rows(indices), self.special.eos, self.special.pad)
+        return torch.from_numpy(inputs), torch.from_numpy(targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"row {index} out of range for {len(self)} rows")
+        inputs, targets = self.batch([index % len(self)])
+        return inputs[0], targets[0]
+
+
+class MixedBatchSampler:
+    """A deterministic, resumable order of batches over the short and long rows.
+
+    One epoch uses every row once: each kind's rows are shuffled and cut into batches of that kind's size, and
+    the batches of both kinds are shuffled together, so short and long batches interleave and each kind's share
+    of tokens over an epoch is its share in the data. The order is a function of (seed, epoch) only; the state
+    is (epoch, batches done in it). With `world_size` > 1, rank r takes batches r, r + world_size, ...
+    """
+
+    def __init__(
+        self,
+        rows: dict[str, int],
+        batch_size: dict[str, int],
+        seed: int,
+        drop_last: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        if any(batch_size.get(kind, 0) < 1 for kind, n in rows.items() if n):
+            raise ValueError(f"every kind with rows needs a batch size >= 1, got {batch_size}")
+        self.rows, self.batch_size, self.seed = dict(rows), dict(batch_size), seed
+        self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
+        self.epoch, self.position = 0, 0
+        if not self._epoch_batches(0):
+            raise ValueError(f"no complete batch: rows {rows}, batch sizes {batch_size}")
+
+    def _epoch_batches(self, epoch: int) -> list[tuple[str, np.ndarray]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        batches = []
+        for kind in sorted(self.rows):
+            order = rng.permutation(self.rows[kind])
+            size = self.batch_size.get(kind, 1)
+            end = len(order) - len(order) % size if self.drop_last else len(order)
+            batches += [(kind, order[i : i + size]) for i in range(0, end, size)]
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def batches_per_epoch(self) -> int:
+        return len(self._epoch_batches(0)) // self.world_size
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Endless: epoch after epoch, from the saved position."""
+        while True:
+            batches = self._epoch_batches(self.epoch)
+            usable = len(batches) - len(batches) % self.world_size
+            while self.position * self.world_size < usable:
+                kind, rows = batches[self.position * self.world_size + self.rank]
+                self.position += 1
+                yield kind, rows
+            self.epoch, self.position = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"sampler state is for seed {state['seed']}, this sampler has seed {self.seed}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
