@@ -183,6 +183,22 @@ _register(
 )
 
 
+# Standard Hugging Face config names -> CognateConfig fields, used by the `hf_format/` export so generic tools
+# (AutoModel, mergekit, EvoMerge's loader) find vocab_size, hidden_size and the rest at the top of config.json.
+HF_CONFIG_NAMES = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "d_model",
+    "num_hidden_layers": "n_layers",
+    "num_attention_heads": "n_heads",
+    "intermediate_size": "ffn_hidden",
+    "max_position_embeddings": "max_seq_len",
+    "sliding_window": "attn_window",
+    "rope_theta": "rope_theta",
+    "rms_norm_eps": "norm_eps",
+    "tie_word_embeddings": "tie_embeddings",
+}
+
+
 def get_preset(name: str) -> CognateConfig:
     try:
         return PRESETS[name]

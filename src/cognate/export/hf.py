@@ -1,0 +1,130 @@
+"""Export a native Cognate model to a self-contained Hugging Face folder (`hf_format/`).
+
+The folder holds config.json (standard names plus `auto_map`), model.safetensors, generation_config.json, the
+tokenizer, and one code file, modeling_cognate.py: the native model code (cognate/model/model.py and every file it
+imports) inlined in dependency order, followed by the Hugging Face classes. One file, because tools such as
+mergekit copy only the file `auto_map` names.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from cognate.model import config as config_module
+from cognate.model.config import HF_CONFIG_NAMES, CognateConfig
+
+MODEL_PACKAGE = Path(config_module.__file__).parent
+TEMPLATE = Path(__file__).parent / "hf_code" / "modeling_cognate.py"
+CODE_FILE = "modeling_cognate.py"
+AUTO_MAP = {
+    "AutoConfig": "modeling_cognate.CognateHFConfig",
+    "AutoModelForCausalLM": "modeling_cognate.CognateForCausalLM",
+}
+_RELATIVE_IMPORT = re.compile(r"^from \.(\w+) import (?:\([^)]*\)|[^\n]*)\n", re.MULTILINE)
+_FUTURE_IMPORT = re.compile(r"^from __future__ import [^\n]*\n", re.MULTILINE)
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def modeling_source() -> str:
+    """modeling_cognate.py: the native model's files, then the template, relative imports resolved by inlining."""
+    order = [*_dependency_order("model", MODEL_PACKAGE), "__template__"]
+    parts, defined = [], {}
+    for name in order:
+        path = TEMPLATE if name == "__template__" else MODEL_PACKAGE / f"{name}.py"
+        source = path.read_text()
+        for imported in re.findall(r"^(?:from|import) (cognate\S*)", source, re.MULTILINE):
+            raise ExportError(
+                f"{path} imports {imported}: exported model code may import only torch, the "
+                "standard library and sibling files (relative imports)"
+            )
+        for top_level in _top_level_names(source):
+            if top_level in defined:
+                raise ExportError(
+                    f"{top_level!r} is defined in both {defined[top_level]} and {path.name}; "
+                    "inlining them into one file would make one shadow the other"
+                )
+            defined[top_level] = path.name
+        body = _FUTURE_IMPORT.sub("", _RELATIVE_IMPORT.sub("", source))
+        parts.append(f"# ---- {path.name} " + "-" * (100 - len(path.name)) + "\n" + body)
+    return "from __future__ import annotations\n\n" + "\n\n".join(parts)
+
+
+def _dependency_order(name: str, package: Path, seen: list[str] | None = None) -> list[str]:
+    """`name` after every sibling module it imports, depth first."""
+    seen = [] if seen is None else seen
+    for dependency in _RELATIVE_IMPORT.findall((package / f"{name}.py").read_text()):
+        if dependency not in seen:
+            _dependency_order(dependency, package, seen)
+    if name not in seen:
+        seen.append(name)
+    return seen
+
+
+def _top_level_names(source: str) -> list[str]:
+    names = []
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+            names.append(node.name)
+        elif isinstance(node, ast.Assign):
+            names += [t.id for t in node.targets if isinstance(t, ast.Name)]
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.append(node.target.id)
+    return names
+
+
+def hf_config_dict(config: CognateConfig, tokenizer: PreTrainedTokenizerBase | None) -> dict:
+    """config.json: the standard Hugging Face names at the top level, every native field beside them."""
+    values = config.to_dict()
+    out = {hf_name: values.pop(field) for hf_name, field in HF_CONFIG_NAMES.items()}
+    out.update(values)
+    out.update(
+        {
+            "model_type": "cognate",
+            "architectures": ["CognateForCausalLM"],
+            "auto_map": AUTO_MAP,
+            "torch_dtype": "float32",
+        }
+    )
+    if tokenizer is not None:
+        out.update(
+            {
+                "bos_token_id": tokenizer.eos_token_id,
+                "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id,
+            }
+        )
+    return out
+
+
+def export_hf(
+    state_dict: dict[str, torch.Tensor],
+    config: CognateConfig,
+    out_dir: Path,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> Path:
+    """Write `out_dir` as a Hugging Face model folder; returns it."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CODE_FILE).write_text(modeling_source())
+    hf_config = hf_config_dict(config, tokenizer)
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+    weights = {f"model.{name}": tensor.detach().contiguous().clone() for name, tensor in state_dict.items()}
+    save_file(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+        GenerationConfig(
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            max_length=config.max_seq_len,
+        ).save_pretrained(out_dir)
+    return out_dir
