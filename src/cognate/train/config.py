@@ -26,6 +26,7 @@ class TrainConfig:
     optimizer_preset: str = "phase1-reduced"  # a named setting from cognate.optim
     lr: float | None = None  # overrides the preset's AdamW learning rate
     muon_lr: float | None = None  # overrides the preset's Muon learning rate
+    grokfast_warmup_steps: int | None = None  # overrides the preset's updates before Grokfast amplifies
     warmup_tokens: int = 2_000_000
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of each group's base rate
     clip_norm: float = 1.0

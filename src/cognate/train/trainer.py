@@ -55,6 +55,7 @@ class Progress:
 def prepare_run_dir(run_dir: Path, run_config: dict, *, resume: bool, overwrite: bool) -> None:
     """Refuse to mix two different runs in one folder unless told to resume (same config) or overwrite."""
     path = run_dir / RUN_CONFIG
+    run_config = json.loads(json.dumps(run_config))  # compare as stored: tuples become lists
     if path.exists() and not overwrite:
         existing = json.loads(path.read_text())
         if existing != run_config:
@@ -107,7 +108,8 @@ def train(
     progress = Progress()
     if resume and (run_dir / CHECKPOINT).exists():
         progress = _restore(run_dir / CHECKPOINT, model, optimizer, data, dist)
-    ddp_model = DistributedDataParallel(model) if dist.enabled else model
+    # Memory and halting parameters sit idle on short inputs, so some steps leave them without gradients.
+    ddp_model = DistributedDataParallel(model, find_unused_parameters=True) if dist.enabled else model
     forward = torch.compile(ddp_model) if config.compile else ddp_model
 
     total_steps = _total_steps(config, data.tokens_per_micro_batch)
@@ -171,7 +173,7 @@ def train(
                 remaining = (total_steps - progress.step) * elapsed / max(progress.step - start_step, 1)
                 row = window.row(
                     progress,
-                    multiplier * optimizer.param_groups[0]["base_lr"],
+                    _adamw_lr(optimizer),
                     rate,
                     rate * flops / peak_flops,
                     format_duration(remaining),
@@ -211,6 +213,12 @@ def train(
     if dist.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _adamw_lr(optimizer) -> float:
+    """The learning rate of the AdamW group (embeddings, head, norms): the one line of the log shows."""
+    groups = optimizer.param_groups
+    return next((g["lr"] for g in groups if g.get("name") == "adamw"), groups[0]["lr"])
 
 
 def _total_steps(config: TrainConfig, tokens_per_micro_batch: int) -> int:

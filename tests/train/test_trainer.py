@@ -1,0 +1,247 @@
+"""The training loop's promises: exact resume after SIGKILL, loadable checkpoints at any moment, the non-finite
+guard, early stopping, the run-folder guard, and torchrun (DDP on gloo) matching one process."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cognate.data.prepare import PrepareConfig, prepare
+from cognate.model.config import get_preset
+from cognate.train import checkpoint, trainer
+from cognate.train.config import TrainConfig
+from cognate.train.distributed import Distributed
+
+# A very small model so each step takes milliseconds; short and long rows both present, memory on the long ones.
+MODEL = dict(
+    d_model=32,
+    n_heads=2,
+    n_layers=1,
+    ffn_hidden=64,
+    t_train=2,
+    t_infer=2,
+    grad_steps=1,
+    mem_dim=16,
+    mem_capacity=8,
+    mem_topk=2,
+    mem_chunk_size=32,
+    mem_min_seq_len=128,
+    max_seq_len=256,
+)
+TRAIN = dict(
+    batch_size=2,
+    grad_accum=2,
+    max_tokens=100_000,
+    warmup_tokens=0,
+    log_interval=1,
+    eval_interval=4,
+    eval_batches=2,
+    checkpoint_interval=1,
+    bf16=False,
+    optimizer="mugrokfast",
+    grokfast_warmup_steps=2,
+)
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "builtin"
+    prepare(PrepareConfig(out=out, builtin=True, short_len=64, long_len=256), log=lambda _: None)
+    return out
+
+
+def model_config(data_dir: Path):
+    vocab = json.loads((data_dir / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+    return get_preset("tiny").replace(vocab_size=vocab, **MODEL)
+
+
+def cli_args(data_dir: Path, out: Path, steps: int, **extra) -> list[str]:
+    settings = {**MODEL, **TRAIN, "max_steps": steps, **extra}
+    args = [
+        sys.executable,
+        "-m",
+        "cognate.cli",
+        "train",
+        "--preset",
+        "tiny",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(out),
+    ]
+    for key, value in settings.items():
+        args += ["--set", f"{key}={json.dumps(value)}"]
+    return args
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and any(json.loads(line)["step"] >= step for line in path.read_text().splitlines()):
+            return
+        assert process.poll() is None, process.stderr.read().decode()
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_the_same_per_step_losses(data_dir, tmp_path):
+    steps = 10
+    straight = tmp_path / "straight"
+    subprocess.run(cli_args(data_dir, straight, 2 * steps), check=True, env=ENV, capture_output=True)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        cli_args(data_dir, killed, 2 * steps), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    wait_for_step(killed, steps, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed_from = checkpoint.load(killed / trainer.CHECKPOINT)["progress"]["step"]
+    assert steps <= resumed_from < 2 * steps
+    subprocess.run(
+        [*cli_args(data_dir, killed, 2 * steps), "--resume"], check=True, env=ENV, capture_output=True
+    )
+
+    assert losses(killed) == losses(straight)  # identical, not merely close: same bits on the same CPU
+    assert sorted(losses(killed)) == list(range(1, 2 * steps + 1))
+
+
+@pytest.mark.slow
+def test_a_kill_at_any_moment_leaves_a_loadable_checkpoint(data_dir, tmp_path):
+    run = tmp_path / "run"
+    process = subprocess.Popen(
+        cli_args(data_dir, run, 1000), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    wait_for_step(run, 2, process)
+    for delay in (0.013, 0.029, 0.047, 0.071, 0.101):  # land inside and between checkpoint writes
+        time.sleep(delay)
+        state = checkpoint.load(run / trainer.CHECKPOINT)
+        assert state["progress"]["step"] >= 1
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    state = checkpoint.load(run / trainer.CHECKPOINT)
+    assert {"model", "optimizer", "data", "rng", "progress"} <= set(state)
+    assert (run / trainer.CHECKPOINT).stat().st_size > 0
+
+
+def test_an_injected_nan_is_skipped_and_counted(data_dir, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = trainer.CognateModel.forward
+
+    def forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls["n"] += self.training
+        if self.training and calls["n"] == 3:  # a micro-batch of the second update
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer.CognateModel, "forward", forward)
+    config = TrainConfig(**{**TRAIN, "max_steps": 4, "checkpoint_interval": 4})
+    summary = trainer.train(model_config(data_dir), config, data_dir, tmp_path / "run", _single())
+    assert summary["skipped_steps"] == 1
+    assert summary["steps"] == 4
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["loss"] is None and rows[1]["skipped_steps"] == 1
+    assert all(r["loss"] is not None for r in rows if r["step"] != 2)
+
+
+def test_too_many_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(
+    data_dir, tmp_path, monkeypatch
+):
+    original = trainer.CognateModel.forward
+    state = {"steps": 0}
+
+    def forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if self.training:
+            state["steps"] += 1
+            if state["steps"] > 4:  # two good updates (2 micro-batches each), then only NaN
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer.CognateModel, "forward", forward)
+    config = TrainConfig(**{**TRAIN, "max_steps": 20, "max_nonfinite_steps": 3, "checkpoint_interval": 2})
+    with pytest.raises(trainer.NonFiniteTrainingError, match="3 consecutive steps"):
+        trainer.train(model_config(data_dir), config, data_dir, tmp_path / "run", _single())
+    saved = checkpoint.load(tmp_path / "run" / trainer.CHECKPOINT)
+    assert saved["progress"]["step"] == 4  # the last checkpoint written, with the 2 good updates
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())
+
+
+def test_early_stopping_triggers_on_a_plateau_and_keeps_the_best_model(data_dir, tmp_path):
+    # lr 0: the validation loss cannot improve after the first validation.
+    config = TrainConfig(
+        **{
+            **TRAIN,
+            "max_steps": 100,
+            "eval_interval": 1,
+            "patience": 2,
+            "lr": 0.0,
+            "muon_lr": 0.0,
+            "optimizer": "adamw",
+        }
+    )
+    summary = trainer.train(model_config(data_dir), config, data_dir, tmp_path / "run", _single())
+    assert summary["stop_reason"].startswith("early stopping")
+    assert summary["steps"] == 3  # best at the first validation, then 2 without improvement
+    best = checkpoint.load(tmp_path / "run" / trainer.BEST_MODEL)
+    assert best["step"] == 1 and best["val_loss"] == pytest.approx(summary["best_val_loss"])
+
+
+def test_a_run_folder_with_another_config_is_refused(data_dir, tmp_path):
+    run = tmp_path / "run"
+    config = TrainConfig(**{**TRAIN, "max_steps": 1})
+    trainer.train(model_config(data_dir), config, data_dir, run, _single())
+    with pytest.raises(trainer.RunFolderError, match="differs in: train"):
+        trainer.train(model_config(data_dir), config.replace(seed=7), data_dir, run, _single())
+    with pytest.raises(trainer.RunFolderError, match="--resume"):
+        trainer.train(model_config(data_dir), config, data_dir, run, _single())
+    trainer.train(model_config(data_dir), config.replace(seed=7), data_dir, run, _single(), overwrite=True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(data_dir, tmp_path):
+    steps = 4
+    single = tmp_path / "single"
+    subprocess.run(
+        cli_args(data_dir, single, steps, grad_accum=4, bf16=False), check=True, env=ENV, capture_output=True
+    )
+    ddp = tmp_path / "ddp"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [
+        "torchrun",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        "-m",
+        "cognate.cli",
+        *cli_args(data_dir, ddp, steps, grad_accum=2, bf16=False)[3:],
+    ]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = losses(single), losses(ddp)
+    assert sorted(one) == sorted(two) == list(range(1, steps + 1))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-5)
+
+
+def _single() -> Distributed:
+    return Distributed(rank=0, world_size=1, device=torch.device("cpu"))
