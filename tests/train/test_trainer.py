@@ -113,7 +113,7 @@ def test_sigkill_then_resume_gives_the_same_per_step_losses(data_dir, tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     resumed_from = checkpoint.load(killed / trainer.CHECKPOINT)["progress"]["step"]
-    assert steps <= resumed_from < 2 * steps
+    assert steps - 1 <= resumed_from < 2 * steps  # the log line of step N may precede its checkpoint
     subprocess.run(
         [*cli_args(data_dir, killed, 2 * steps), "--resume"], check=True, env=ENV, capture_output=True
     )
