@@ -204,6 +204,22 @@ def test_early_stopping_triggers_on_a_plateau_and_keeps_the_best_model(data_dir,
     assert best["step"] == 1 and best["val_loss"] == pytest.approx(summary["best_val_loss"])
 
 
+def test_validation_writes_greedy_samples_of_the_prompts(data_dir, tmp_path):
+    config = TrainConfig(
+        **{
+            **TRAIN,
+            "max_steps": 2,
+            "eval_interval": 2,
+            "sample_prompts": ("Problem: 2 + 2?",),
+            "sample_tokens": 4,
+        }
+    )
+    trainer.train(model_config(data_dir), config, data_dir, tmp_path / "run", _single())
+    rows = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["prompt"]) for r in rows] == [(2, "Problem: 2 + 2?")]
+    assert isinstance(rows[0]["completion"], str) and rows[0]["completion"]
+
+
 def test_a_run_folder_with_another_config_is_refused(data_dir, tmp_path):
     run = tmp_path / "run"
     config = TrainConfig(**{**TRAIN, "max_steps": 1})

@@ -42,7 +42,14 @@ class TrainConfig:
     bf16: bool = True  # autocast to bfloat16 on CPU and GPU
     gradient_checkpointing: bool = False
     compile: bool = False
-    sample_prompts: tuple[str, ...] = ()  # generated from at each validation, to watch for collapse
+    # Continued greedily at each validation (samples.jsonl), to watch for collapse (the seeds' "colons").
+    sample_prompts: tuple[str, ...] = (
+        "Problem: A store has 15 apples and sells 7 of them. How many apples are left?\nSolution:\n",
+        "Buggy code:\ndef add(a, b):\n    return a - b\nFixed code:\n",
+        "Paragraph: Paris\nParis is the capital and largest city of France.\n"
+        "Question: What is the capital of France?\nAnswer:",
+    )
+    sample_tokens: int = 32
 
     def __post_init__(self) -> None:
         problems = []

@@ -22,7 +22,9 @@ def measure_matmul_flops(
 ) -> float:
     """Sustained FLOP/s of a square matmul in `dtype`, best of repeated timings."""
     device = torch.device(device)
-    generator = torch.Generator(device).manual_seed(0)  # leaves the global RNG, and so exact resume, untouched
+    generator = torch.Generator(device).manual_seed(
+        0
+    )  # leaves the global RNG, and so exact resume, untouched
     a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
     b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from cognate.data.tokenizer import load_tokenizer
 from cognate.model.config import CognateConfig
 from cognate.model.model import CognateModel
 from cognate.train import checkpoint
@@ -134,6 +135,7 @@ def train(
         else None
     )
     autocast = _autocast(dist.device, config.bf16)
+    tokenizer = load_tokenizer(data_dir) if config.sample_prompts else None
     start_time, start_step, start_tokens = time.perf_counter(), progress.step, progress.tokens
     window = _Window()
 
@@ -182,6 +184,8 @@ def train(
                 row = row or {"step": progress.step, "tokens": progress.tokens}
                 row.update(_validate(model, data, config.eval_batches, autocast, dist))
                 _early_stopping(progress, row["val_loss"], config, model, run_dir, dist)
+                if dist.is_main and config.sample_prompts:
+                    _write_samples(model, tokenizer, config, progress.step, run_dir / "samples.jsonl")
             if row is not None and log is not None:
                 log.log(row)
             out_of_time = config.max_minutes is not None and (
@@ -291,6 +295,19 @@ def _validate(model, data: TrainingData, n_batches: int, autocast, dist: Distrib
         "val_ppl": math.exp(min(val_loss, 50.0)),
         "val_act_mean_steps": sum(act_steps) / max(len(act_steps), 1),
     }
+
+
+def _write_samples(model, tokenizer, config: TrainConfig, step: int, path: Path) -> None:
+    """Greedy continuations of the sample prompts, appended to samples.jsonl and printed."""
+    rows = []
+    for prompt in config.sample_prompts:
+        ids = torch.tensor([tokenizer.encode(prompt)], device=model.embed.weight.device)
+        out = model.generate(ids, config.sample_tokens, eos_token_id=tokenizer.eos_token_id)
+        rows.append({"step": step, "prompt": prompt, "completion": tokenizer.decode(out[0, ids.size(1) :])})
+    with path.open("a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    for r in rows:
+        print(f"sample @ {step}: {r['prompt'][-40:]!r} -> {r['completion']!r}", flush=True)
 
 
 def _early_stopping(
