@@ -27,7 +27,10 @@ AUTO_MAP = {
     "AutoConfig": "modeling_cognate.CognateHFConfig",
     "AutoModelForCausalLM": "modeling_cognate.CognateForCausalLM",
 }
-_RELATIVE_IMPORT = re.compile(r"^from \.(\w+) import (?:\([^)]*\)|[^\n]*)\n", re.MULTILINE)
+# `from cognate.model.x import ...` or `from .x import ...`; indented ones sit under `if TYPE_CHECKING:`.
+_SIBLING_IMPORT = re.compile(
+    r"^( *)from (?:cognate\.model)?\.(\w+) import (?:\([^)]*\)|[^\n]*)\n", re.MULTILINE
+)
 _FUTURE_IMPORT = re.compile(r"^from __future__ import [^\n]*\n", re.MULTILINE)
 
 
@@ -36,16 +39,17 @@ class ExportError(RuntimeError):
 
 
 def modeling_source() -> str:
-    """modeling_cognate.py: the native model's files, then the template, relative imports resolved by inlining."""
+    """modeling_cognate.py: the native model's files, then the template, sibling imports resolved by inlining."""
     order = [*_dependency_order("model", MODEL_PACKAGE), "__template__"]
     parts, defined = [], {}
     for name in order:
         path = TEMPLATE if name == "__template__" else MODEL_PACKAGE / f"{name}.py"
         source = path.read_text()
-        for imported in re.findall(r"^(?:from|import) (cognate\S*)", source, re.MULTILINE):
+        body = _FUTURE_IMPORT.sub("", _SIBLING_IMPORT.sub(_drop_import, source))
+        for imported in re.findall(r"^\s*(?:from|import) (cognate\S*)", body, re.MULTILINE):
             raise ExportError(
                 f"{path} imports {imported}: exported model code may import only torch, the "
-                "standard library and sibling files (relative imports)"
+                "standard library and the other files of cognate/model"
             )
         for top_level in _top_level_names(source):
             if top_level in defined:
@@ -54,7 +58,6 @@ def modeling_source() -> str:
                     "inlining them into one file would make one shadow the other"
                 )
             defined[top_level] = path.name
-        body = _FUTURE_IMPORT.sub("", _RELATIVE_IMPORT.sub("", source))
         parts.append(f"# ---- {path.name} " + "-" * (100 - len(path.name)) + "\n" + body)
     return "from __future__ import annotations\n\n" + "\n\n".join(parts)
 
@@ -62,12 +65,17 @@ def modeling_source() -> str:
 def _dependency_order(name: str, package: Path, seen: list[str] | None = None) -> list[str]:
     """`name` after every sibling module it imports, depth first."""
     seen = [] if seen is None else seen
-    for dependency in _RELATIVE_IMPORT.findall((package / f"{name}.py").read_text()):
-        if dependency not in seen:
+    for indent, dependency in _SIBLING_IMPORT.findall((package / f"{name}.py").read_text()):
+        if not indent and dependency not in seen:
             _dependency_order(dependency, package, seen)
     if name not in seen:
         seen.append(name)
     return seen
+
+
+def _drop_import(match: re.Match) -> str:
+    """Inlined siblings need no import; an indented one (under `if TYPE_CHECKING:`) leaves a `pass` behind."""
+    return f"{match.group(1)}pass\n" if match.group(1) else ""
 
 
 def _top_level_names(source: str) -> list[str]:

@@ -48,7 +48,8 @@ def resolve_configs(
     model = get_preset(args.preset)
     if args.model:
         model = specialize(model, args.model)
-    values = load_yaml(args.config) if args.config else {}
+    values = dict(train_defaults or {})
+    values.update(load_yaml(args.config) if args.config else {})
     values.update(parse_overrides(args.overrides))
     model_values, train_values = split_overrides(values, {f.name for f in dataclasses.fields(CognateConfig)})
     if vocab_size is not None and "vocab_size" not in model_values:

@@ -13,7 +13,8 @@ from cognate.model.config import ConfigError
 
 @dataclass(frozen=True)
 class TrainConfig:
-    seed: int = 42
+    seed: int = 42  # data order, dropout and (without init_from) the initialisation
+    init_from: str | None = None  # start from these weights (a .safetensors file) instead of a fresh init
     batch_size: int = 8  # sequences per micro-batch, summed over processes
     grad_accum: int = 4  # micro-batches per optimizer update
     max_tokens: int = 50_000_000  # the schedule's length; training stops here at the latest

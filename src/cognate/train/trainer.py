@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
 from cognate.data.tokenizer import load_tokenizer
@@ -104,6 +105,8 @@ def train(
     model = CognateModel(model_config.replace(gradient_checkpointing=config.gradient_checkpointing)).to(
         dist.device
     )
+    if config.init_from is not None:
+        model.load_state_dict(load_file(config.init_from, device=str(dist.device)))
     optimizer = build_optimizer(model, config)
     data = TrainingData(data_dir, batch_size=config.batch_size, seed=config.seed, dist=dist)
     progress = Progress()
@@ -134,7 +137,7 @@ def train(
         if dist.is_main
         else None
     )
-    autocast = _autocast(dist.device, config.bf16)
+    autocast = autocast_for(dist.device, config.bf16)
     tokenizer = load_tokenizer(data_dir) if config.sample_prompts else None
     start_time, start_step, start_tokens = time.perf_counter(), progress.step, progress.tokens
     window = _Window()
@@ -182,7 +185,7 @@ def train(
                 )
             if progress.step % config.eval_interval == 0 or progress.step == total_steps:
                 row = row or {"step": progress.step, "tokens": progress.tokens}
-                row.update(_validate(model, data, config.eval_batches, autocast, dist))
+                row.update(validate(model, data, config.eval_batches, autocast, dist))
                 _early_stopping(progress, row["val_loss"], config, model, run_dir, dist)
                 if dist.is_main and config.sample_prompts:
                     _write_samples(model, tokenizer, config, progress.step, run_dir / "samples.jsonl")
@@ -230,7 +233,7 @@ def _total_steps(config: TrainConfig, tokens_per_micro_batch: int) -> int:
     return min(steps, config.max_steps) if config.max_steps is not None else steps
 
 
-def _autocast(device: torch.device, bf16: bool):
+def autocast_for(device: torch.device, bf16: bool):
     if not bf16:
         return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
@@ -272,7 +275,7 @@ def _global_sum(values: torch.Tensor, dist: Distributed) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _validate(model, data: TrainingData, n_batches: int, autocast, dist: Distributed) -> dict:
+def validate(model, data: TrainingData, n_batches: int, autocast, dist: Distributed) -> dict:
     """Token-weighted mean loss over the held-out split, with the model in inference mode (t_infer steps, ACT)."""
     model.eval()
     loss_sum = torch.zeros(2, device=dist.device, dtype=torch.float64)

@@ -1,0 +1,100 @@
+"""A model folder, the unit every later stage (eval, generate, merge, EvoMerge) reads:
+
+config.json            Hugging Face style: vocab_size, hidden_size, ... at the top level, every native field
+model.safetensors      the weights (native names)
+pytorch_model.bin      the same weights as a plain tensor dict (loads with torch.load(weights_only=True))
+training_stats.json    how the model was made and how it scored
+README.md              model card
+tokenizer files        tokenizer.json and its config
+hf_format/             self-contained Hugging Face folder (AutoModelForCausalLM, trust_remote_code=True)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cognate.export.hf import export_hf, hf_config_dict
+from cognate.model.config import HF_CONFIG_NAMES, CognateConfig
+from cognate.model.model import CognateModel
+from cognate.model.params import parameter_breakdown
+
+WEIGHTS = "model.safetensors"
+TORCH_WEIGHTS = "pytorch_model.bin"
+
+
+def config_from_hf_dict(values: dict) -> CognateConfig:
+    """The native config from a config.json written by `hf_config_dict` (extra Hugging Face keys ignored)."""
+    native = dict(values)
+    for hf_name, field in HF_CONFIG_NAMES.items():
+        native[field] = native.pop(hf_name)
+    known = set(CognateConfig.__dataclass_fields__)
+    return CognateConfig(**{k: v for k, v in native.items() if k in known})
+
+
+def save_model_dir(
+    model: CognateModel, out: Path, *, tokenizer=None, stats: dict | None = None, card: str | None = None
+) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {name: t.detach().contiguous().clone() for name, t in model.state_dict().items()}
+    (out / "config.json").write_text(
+        json.dumps(hf_config_dict(model.cfg, tokenizer), indent=2, sort_keys=True)
+    )
+    save_file(state, out / WEIGHTS, metadata={"format": "pt"})
+    torch.save(state, out / TORCH_WEIGHTS)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    stats = {"parameters": sum(parameter_breakdown(model).values()), **(stats or {})}
+    (out / "training_stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True))
+    (out / "README.md").write_text(card or model_card(model.cfg, stats))
+    export_hf(state, model.cfg, out / "hf_format", tokenizer)
+    return out
+
+
+def load_model_dir(folder: Path, device: str | torch.device = "cpu") -> CognateModel:
+    """The native model from a model folder; weights from safetensors (never unpickled)."""
+    folder = Path(folder)
+    config = config_from_hf_dict(json.loads((folder / "config.json").read_text()))
+    model = CognateModel(config)
+    model.load_state_dict(load_file(folder / WEIGHTS, device=str(device)))
+    return model.to(device).eval()
+
+
+def model_card(config: CognateConfig, stats: dict) -> str:
+    metrics = stats.get("metrics", {})
+    rows = "\n".join(
+        f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())
+    )
+    return f"""# {stats.get("name", config.name)}
+
+A Cognate seed model: a decoder-only transformer ({config.n_layers} layers, d_model {config.d_model},
+{config.n_heads} heads, vocabulary {config.vocab_size}) refined recursively ({
+        config.t_train
+    } steps in training,
+at most {config.t_infer} at inference with per-token ACT halting), with a Titans-style long-term memory
+({"on" if config.mem_enabled else "off"}). {stats.get("parameters", "?"):,} parameters.
+
+Trained by `cognate pretrain` (seed {stats.get("seed", "?")}) on {stats.get("data", "?")}.
+{
+        "**The training data was the built-in SYNTHETIC curriculum; this model is a smoke-test artefact.**"
+        if stats.get("synthetic")
+        else ""
+    }
+
+| metric | value |
+| --- | --- |
+{rows}
+
+## Use
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("hf_format", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("hf_format")
+```
+or natively: `cognate generate --model . --prompt "Problem: ..."`.
+"""

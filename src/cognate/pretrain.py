@@ -1,0 +1,299 @@
+"""`cognate pretrain`: the three seed models EvoMerge consumes, in the layout of SPEC section 5.
+
+    OUT/
+      shared-warmup/              the run every seed starts from (see "Mergeability")
+      <preset>-model-{1,2,3}/     a model folder each (cognate.export.model_dir), plus run/ with its training run
+      evomerge_models.json        registry: path, seed, parameters, metrics, config hash per model
+      pretraining_summary.json    successful_models, total_models, evomerge_ready, timings, metrics, merge check
+
+Mergeability. Models trained from unrelated random initialisations are not linearly mergeable: their hidden units
+are permuted relative to one another, so averaging their weights destroys both. The seeds therefore share one
+initialisation (INIT_SEED) and a short shared warm-up run from it, then diverge by their own seed, which sets their
+data order and dropout. The registry records this choice, and the summary measures it: the validation loss of the
+plain average of the three seeds next to each seed's own.
+
+Re-running with the same OUT resumes the warm-up or a seed that did not finish and skips finished ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cognate.data.dataset import read_manifest
+from cognate.data.tokenizer import load_tokenizer
+from cognate.export.model_dir import WEIGHTS, load_model_dir, save_model_dir
+from cognate.merge.methods import linear
+from cognate.model.config import CognateConfig
+from cognate.model.model import CognateModel
+from cognate.train import checkpoint, trainer
+from cognate.train.config import TrainConfig
+from cognate.train.data import TrainingData
+from cognate.train.distributed import Distributed
+
+SEEDS = (42, 1337, 2023)
+INIT_SEED = 0
+REGISTRY = "evomerge_models.json"
+SUMMARY = "pretraining_summary.json"
+WARMUP_DIR = "shared-warmup"
+REGISTRY_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PretrainPlan:
+    model: CognateConfig
+    train: TrainConfig  # shared by every seed; `seed`, `init_from` and `max_tokens` are set per run
+    warmup_tokens: int  # tokens trained from the shared initialisation before the seeds diverge
+    seed_tokens: int  # tokens each seed trains after the warm-up
+    seeds: tuple[int, ...] = SEEDS
+    eval_batches: int = 16  # validation batches for the final figures and the merge check
+
+
+def config_hash(config: CognateConfig) -> str:
+    canonical = json.dumps({k: v for k, v in config.to_dict().items() if k != "name"}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def model_name(plan: PretrainPlan, index: int) -> str:
+    return f"{plan.model.name}-model-{index}"
+
+
+def pretrain(plan: PretrainPlan, data_dir: Path, out: Path, dist: Distributed) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    shared_weights = _shared_start(plan, data_dir, out, dist)
+    timings["shared_warmup_s"] = time.perf_counter() - start
+
+    results = []
+    for index, seed in enumerate(plan.seeds, start=1):
+        seed_start = time.perf_counter()
+        try:
+            results.append(_train_seed(plan, index, seed, shared_weights, data_dir, out, dist))
+        except Exception as error:  # one failed seed is reported, not hidden, and does not stop the others
+            results.append(
+                {
+                    "name": model_name(plan, index),
+                    "seed": seed,
+                    "succeeded": False,
+                    "error": f"{type(error).__name__}: {error}",
+                }
+            )
+        timings[f"{model_name(plan, index)}_s"] = time.perf_counter() - seed_start
+
+    merge_start = time.perf_counter()
+    succeeded = [r for r in results if r["succeeded"]]
+    merge_check = (
+        _merge_check(plan, [out / r["name"] for r in succeeded], data_dir, dist)
+        if len(succeeded) > 1
+        else None
+    )
+    timings["merge_check_s"] = time.perf_counter() - merge_start
+    timings["total_s"] = time.perf_counter() - start
+    if dist.is_main:
+        _write_registry(plan, out, succeeded, data_dir)
+        summary = _write_summary(plan, out, results, merge_check, timings, data_dir)
+    else:
+        summary = {}
+    return summary
+
+
+def _shared_start(plan: PretrainPlan, data_dir: Path, out: Path, dist: Distributed) -> Path:
+    """Weights every seed starts from: INIT_SEED's initialisation, trained `warmup_tokens` if that is > 0."""
+    folder = out / WARMUP_DIR
+    weights = folder / WEIGHTS
+    if weights.exists():
+        return weights
+    if plan.warmup_tokens > 0:
+        config = plan.train.replace(
+            seed=INIT_SEED,
+            init_from=None,
+            max_tokens=plan.warmup_tokens,
+            warmup_tokens=min(plan.train.warmup_tokens, plan.warmup_tokens // 2),
+        )
+        resume = (folder / trainer.CHECKPOINT).exists()
+        trainer.train(plan.model, config, data_dir, folder, dist, resume=resume)
+        state = checkpoint.load(folder / trainer.CHECKPOINT)["model"]
+    else:
+        torch.manual_seed(INIT_SEED)
+        state = CognateModel(plan.model).state_dict()
+    if dist.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, weights)
+    dist.barrier()
+    return weights
+
+
+def _train_seed(
+    plan: PretrainPlan,
+    index: int,
+    seed: int,
+    shared_weights: Path,
+    data_dir: Path,
+    out: Path,
+    dist: Distributed,
+) -> dict:
+    name = model_name(plan, index)
+    folder = out / name
+    stats_path = folder / "training_stats.json"
+    if stats_path.exists() and json.loads(stats_path.read_text()).get("completed"):
+        return {
+            "name": name,
+            "seed": seed,
+            "succeeded": True,
+            "skipped": True,
+            **_registry_fields(json.loads(stats_path.read_text())),
+        }
+    run_dir = folder / "run"
+    config = plan.train.replace(
+        seed=seed,
+        init_from=str(shared_weights),
+        max_tokens=plan.seed_tokens,
+        warmup_tokens=min(plan.train.warmup_tokens, plan.seed_tokens // 2),
+    )
+    summary = trainer.train(
+        plan.model, config, data_dir, run_dir, dist, resume=(run_dir / trainer.CHECKPOINT).exists()
+    )
+    model = CognateModel(plan.model)
+    best = run_dir / trainer.BEST_MODEL
+    model.load_state_dict(checkpoint.load(best if best.exists() else run_dir / trainer.CHECKPOINT)["model"])
+    metrics = _evaluate(model, plan, data_dir, dist)
+    stats = {
+        "name": name,
+        "seed": seed,
+        "completed": True,
+        "synthetic": _synthetic(data_dir),
+        "data": str(data_dir),
+        "init": {"shared_weights": str(shared_weights), "init_seed": INIT_SEED},
+        "training": summary,
+        "metrics": metrics,
+        "config_hash": config_hash(plan.model),
+        "curve": _curve(run_dir),
+    }
+    if dist.is_main:
+        save_model_dir(model, folder, tokenizer=load_tokenizer(data_dir), stats=stats)
+    dist.barrier()
+    return {
+        "name": name,
+        "seed": seed,
+        "succeeded": True,
+        **_registry_fields(json.loads(stats_path.read_text())),
+    }
+
+
+def _registry_fields(stats: dict) -> dict:
+    return {
+        "parameters": stats["parameters"],
+        "metrics": stats["metrics"],
+        "config_hash": stats["config_hash"],
+    }
+
+
+def _evaluate(model: CognateModel, plan: PretrainPlan, data_dir: Path, dist: Distributed) -> dict:
+    data = TrainingData(data_dir, batch_size=plan.train.batch_size, seed=0, dist=dist)
+    model = model.to(dist.device)
+    autocast = trainer.autocast_for(dist.device, plan.train.bf16)
+    return trainer.validate(model, data, plan.eval_batches, autocast, dist)
+
+
+def _merge_check(plan: PretrainPlan, folders: list[Path], data_dir: Path, dist: Distributed) -> dict:
+    """Validation loss of the plain weight average of the seeds, next to each seed's own."""
+    states = [load_file(f / WEIGHTS) for f in folders]
+    average = CognateModel(plan.model)
+    average.load_state_dict(linear(states, [1.0] * len(states)))
+    seed_losses = {f.name: _evaluate(load_model_dir(f), plan, data_dir, dist)["val_loss"] for f in folders}
+    average_loss = _evaluate(average, plan, data_dir, dist)["val_loss"]
+    best = min(seed_losses.values())
+    return {
+        "method": "plain average of the seed weights",
+        "average_val_loss": average_loss,
+        "seed_val_losses": seed_losses,
+        "best_seed_val_loss": best,
+        "average_minus_best_seed": average_loss - best,
+    }
+
+
+def _curve(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    keys = ("step", "tokens", "loss", "val_loss", "act_var_steps")
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [{k: r.get(k) for k in keys} for r in rows if r.get("val_loss") is not None]
+
+
+def _synthetic(data_dir: Path) -> bool:
+    return bool(read_manifest(data_dir).get("synthetic"))
+
+
+def _write_registry(plan: PretrainPlan, out: Path, models: list[dict], data_dir: Path) -> None:
+    manifest = read_manifest(data_dir)
+    registry = {
+        "schema_version": REGISTRY_SCHEMA_VERSION,
+        "created_by": "cognate pretrain",
+        "architecture": "CognateForCausalLM",
+        "preset": plan.model.name,
+        "config_hash": config_hash(plan.model),
+        "tokenizer_sha256": manifest["tokenizer"].get("sha256"),
+        "vocab_size": plan.model.vocab_size,
+        "mergeability": {
+            "method": "shared initialisation and warm-up",
+            "init_seed": INIT_SEED,
+            "shared_warmup_tokens": plan.warmup_tokens,
+            "shared_weights": f"{WARMUP_DIR}/{WEIGHTS}",
+            "seeds_vary": ["data order", "dropout"],
+        },
+        "seed_models": [
+            {
+                "name": m["name"],
+                "path": m["name"],
+                "seed": m["seed"],
+                "parameters": m["parameters"],
+                "config_hash": m["config_hash"],
+                "metrics": m["metrics"],
+                "files": {
+                    "safetensors": f"{m['name']}/model.safetensors",
+                    "pytorch": f"{m['name']}/pytorch_model.bin",
+                    "config": f"{m['name']}/config.json",
+                    "hf_format": f"{m['name']}/hf_format",
+                },
+            }
+            for m in models
+        ],
+    }
+    (out / REGISTRY).write_text(json.dumps(registry, indent=2))
+
+
+def _write_summary(
+    plan: PretrainPlan,
+    out: Path,
+    results: list[dict],
+    merge_check: dict | None,
+    timings: dict,
+    data_dir: Path,
+) -> dict:
+    succeeded = [r for r in results if r["succeeded"]]
+    summary = {
+        "successful_models": len(succeeded),
+        "total_models": len(results),
+        "evomerge_ready": len(succeeded) == len(results) and len(results) > 1,
+        "models": results,
+        "merge_check": merge_check,
+        "timings": timings,
+        "data": {"path": str(data_dir), "synthetic": _synthetic(data_dir)},
+        "plan": {
+            "warmup_tokens": plan.warmup_tokens,
+            "seed_tokens": plan.seed_tokens,
+            "seeds": list(plan.seeds),
+            "model": plan.model.to_dict(),
+            "train": dataclasses.asdict(plan.train),
+        },
+    }
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+    return summary
