@@ -42,9 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_configs(
-    args: argparse.Namespace, vocab_size: int | None = None
+    args: argparse.Namespace, vocab_size: int | None = None, train_defaults: dict | None = None
 ) -> tuple[CognateConfig, TrainConfig]:
-    """Preset, then specialization, then the YAML file, then --set overrides, then --test, in that order."""
+    """Preset, then specialization, then the caller's defaults, then the YAML file, then --set overrides, then
+    --test, in that order."""
     model = get_preset(args.preset)
     if args.model:
         model = specialize(model, args.model)
