@@ -1,0 +1,249 @@
+"""The sandbox against hostile programs, in each isolation setup this machine supports."""
+
+import itertools
+import json
+import os
+import socket
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from cognate.eval import sandbox
+from cognate.eval.sandbox import check_mbpp_solution, namespaces_unavailable_reason, run_untrusted
+
+MBPP_FILE = Path(__file__).resolve().parents[3] / "shared" / "data" / "mbpp" / "mbpp.jsonl"
+
+needs_namespaces = pytest.mark.skipif(
+    namespaces_unavailable_reason() is not None,
+    reason=f"no namespaces here: {namespaces_unavailable_reason()}",
+)
+WITH_AND_WITHOUT_NAMESPACES = [
+    pytest.param(True, id="namespaces", marks=needs_namespaces),
+    pytest.param(False, id="no-namespaces"),
+]
+# (namespaces, audit_hook): both layers, the kernel's alone, the audit hook alone (what runs without namespaces).
+SETUPS = [
+    pytest.param(True, True, id="namespaces+hook", marks=needs_namespaces),
+    pytest.param(True, False, id="namespaces-only", marks=needs_namespaces),
+    pytest.param(False, True, id="hook-only"),
+]
+
+
+def run(code: str, namespaces: bool, audit_hook: bool = True, **limits) -> sandbox.SandboxResult:
+    return run_untrusted(textwrap.dedent(code), namespaces=namespaces, audit_hook=audit_hook, **limits)
+
+
+@pytest.mark.parametrize("namespaces", WITH_AND_WITHOUT_NAMESPACES)
+def test_a_well_behaved_program_passes_with_its_output(namespaces):
+    result = run("import sys; print('out'); print('err', file=sys.stderr)", namespaces)
+    assert result.passed and result.returncode == 0 and result.killed_reason is None
+    assert (result.stdout, result.stderr) == ("out\n", "err\n")
+    assert result.namespaces is namespaces
+
+
+@pytest.mark.parametrize("namespaces", WITH_AND_WITHOUT_NAMESPACES)
+def test_an_infinite_loop_is_killed_at_the_timeout(namespaces):
+    result = run("while True: pass", namespaces, timeout_s=1.0)
+    assert result.timed_out and not result.passed
+    assert result.killed_reason == "wall-clock timeout"
+    assert 1.0 <= result.duration_s < 4.0
+
+
+@pytest.mark.parametrize("namespaces", WITH_AND_WITHOUT_NAMESPACES)
+def test_unbounded_allocation_hits_the_memory_limit_fast(namespaces):
+    code = """
+        hoard = []
+        while True:
+            hoard.append(bytearray(50_000_000))
+    """
+    result = run(code, namespaces, memory_mb=128, timeout_s=20.0)
+    assert not result.passed and not result.timed_out
+    assert result.killed_reason == "memory limit"
+    assert result.duration_s < 5.0
+
+
+WRITE_ATTACKS = {
+    "open": "open(TARGET, 'w').write('changed')",
+    "append": "open(TARGET, 'a').write('changed')",
+    "pathlib": "import pathlib; pathlib.Path(TARGET).write_text('changed')",
+    "os.open": "import os; os.write(os.open(TARGET, os.O_WRONLY | os.O_TRUNC), b'changed')",
+    "dir_fd": (
+        "import os; folder = os.open(os.path.dirname(TARGET), os.O_RDONLY)\n"
+        "os.write(os.open(os.path.basename(TARGET), os.O_WRONLY | os.O_TRUNC, dir_fd=folder), b'changed')"
+    ),
+    "symlink": "import os; os.symlink(TARGET, 'link'); open('link', 'w').write('changed')",
+    "hardlink": "import os; os.link(TARGET, 'link'); open('link', 'w').write('changed')",
+    "rename": "import os; os.rename(TARGET, TARGET + '.moved')",
+    "remove": "import os; os.remove(TARGET)",
+    "chmod": "import os; os.chmod(TARGET, 0o777)",
+}
+
+
+@pytest.mark.parametrize(("namespaces", "audit_hook"), SETUPS)
+@pytest.mark.parametrize("attack", list(WRITE_ATTACKS))
+def test_writing_outside_the_folder_fails_and_the_file_is_unchanged(tmp_path, namespaces, audit_hook, attack):
+    target = tmp_path / "precious.txt"
+    target.write_text("original")
+    target.chmod(0o644)
+    code = f"TARGET = {str(target)!r}\n{WRITE_ATTACKS[attack]}"
+    result = run(code, namespaces, audit_hook)
+    assert not result.passed
+    assert sorted(tmp_path.iterdir()) == [target]
+    assert target.read_text() == "original" and target.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize(("namespaces", "audit_hook"), SETUPS)
+def test_a_socket_cannot_reach_a_listener_on_this_machine(namespaces, audit_hook):
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        code = f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'leak')"
+        result = run(code, namespaces, audit_hook)
+        listener.settimeout(0.1)
+        with pytest.raises(TimeoutError):
+            listener.accept()
+    assert not result.passed
+    assert "Error" in result.stderr
+
+
+@pytest.mark.parametrize("namespaces", WITH_AND_WITHOUT_NAMESPACES)
+def test_a_fork_bomb_is_stopped_at_the_first_fork(namespaces):
+    result = run("import os\nwhile True:\n    os.fork()", namespaces)
+    assert not result.passed and not result.timed_out
+    assert "os.fork is not allowed" in result.stderr
+
+
+@pytest.mark.parametrize("namespaces", WITH_AND_WITHOUT_NAMESPACES)
+def test_the_process_limit_holds_without_the_audit_hook(namespaces):
+    # A bounded loop, so that a broken limit cannot turn into a real fork bomb on a shared machine.
+    code = """
+        import os, time
+        children = 0
+        for _ in range(60):
+            try:
+                pid = os.fork()
+            except OSError:
+                break
+            if pid == 0:
+                time.sleep(30)
+                os._exit(0)
+            children += 1
+        print(os.getuid(), children)
+    """
+    result = run(code, namespaces, audit_hook=False, max_processes=6)
+    uid, children = map(int, result.stdout.split())
+    assert result.passed and children < 6
+    if os.geteuid() == 0:  # the program's uid is then a throwaway one: none of its processes may outlive it
+        assert _wait_until_no_process_has(uid, timeout_s=5.0)
+
+
+def _wait_until_no_process_has(uid: int, timeout_s: float) -> bool:
+    """Killed processes linger a moment until init reaps them."""
+    deadline = time.monotonic() + timeout_s
+    while any(_uid_of(status) == uid for status in Path("/proc").glob("[0-9]*/status")):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _uid_of(status_file: Path) -> int | None:
+    try:
+        lines = status_file.read_text().splitlines()
+    except OSError:  # the process ended while we looked
+        return None
+    return next(int(line.split()[1]) for line in lines if line.startswith("Uid:"))
+
+
+@pytest.mark.parametrize("namespaces", WITH_AND_WITHOUT_NAMESPACES)
+def test_subprocesses_native_code_and_signals_are_refused(namespaces):
+    for code, refused in [
+        ("import subprocess; subprocess.run(['true'])", "_posixsubprocess"),
+        ("import os; os.system('true')", "os.system"),
+        ("import ctypes; ctypes.CDLL(None)", "ctypes.dlopen"),
+        ("import os; os.kill(1, 0)", "os.kill"),
+    ]:
+        result = run(code, namespaces)
+        assert not result.passed and refused in result.stderr, code
+
+
+@pytest.mark.parametrize("namespaces", WITH_AND_WITHOUT_NAMESPACES)
+def test_the_program_works_in_a_clean_throwaway_folder(monkeypatch, namespaces):
+    monkeypatch.setenv("COGNATE_SECRET", "do-not-leak")
+    code = """
+        import json, os, shutil, tempfile
+        os.makedirs("a/b")
+        open("a/b/f.txt", "w").write("x")
+        shutil.rmtree("a")
+        with tempfile.NamedTemporaryFile("w") as scratch:
+            scratch.write("y")
+        open(os.devnull, "w").write("z")
+        print(json.dumps({"cwd": os.getcwd(), "environ": dict(os.environ)}))
+    """
+    result = run(code, namespaces)
+    assert result.passed, result.stderr
+    report = json.loads(result.stdout)
+    assert set(report["environ"]) == {"PATH", "HOME", "TMPDIR", "LANG"}
+    assert report["environ"]["TMPDIR"] == report["cwd"]
+    assert not Path(report["cwd"]).exists()
+
+
+def test_exit_status_and_traceback_of_a_failing_program_are_reported():
+    result = run_untrusted("def f(x):\n    return 1 / x\nf(0)")
+    assert result.returncode == 1 and result.killed_reason is None
+    assert "return 1 / x" in result.stderr and "ZeroDivisionError" in result.stderr
+    assert "sandbox_child" not in result.stderr
+
+
+def test_invalid_limits_are_rejected_by_name():
+    for limits, field in [
+        ({"timeout_s": 0}, "timeout_s"),
+        ({"memory_mb": 8}, "memory_mb"),
+        ({"max_processes": 0}, "max_processes"),
+        ({"disk_mb": 0}, "disk_mb"),
+    ]:
+        with pytest.raises(ValueError, match=field):
+            run_untrusted("pass", **limits)
+
+
+def test_requiring_unavailable_namespaces_is_an_error(monkeypatch):
+    monkeypatch.setattr(sandbox, "namespaces_unavailable_reason", lambda: "no unshare")
+    with pytest.raises(RuntimeError, match="no unshare"):
+        run_untrusted("pass", namespaces=True)
+    assert not run_untrusted("pass").namespaces
+
+
+ADD = "def add(a, b):\n    return a + b"
+ADD_TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]
+
+
+def test_mbpp_correct_and_wrong_solutions():
+    assert check_mbpp_solution(ADD, ADD_TESTS).passed
+    assert not check_mbpp_solution("def add(a, b):\n    return a - b", ADD_TESTS).passed
+    assert not check_mbpp_solution("def add(a, b):\n    return a +", ADD_TESTS).passed  # syntax error
+
+
+def test_mbpp_a_solution_that_exits_early_does_not_pass():
+    assert not check_mbpp_solution(ADD + "\nimport sys\nsys.exit(0)", ADD_TESTS).passed
+
+
+def test_mbpp_a_solution_that_never_returns_times_out():
+    result = check_mbpp_solution("def add(a, b):\n    while True: pass", ADD_TESTS, timeout_s=1.0)
+    assert not result.passed and result.timed_out
+
+
+def test_mbpp_setup_code_runs_after_the_solution_it_uses():
+    solution = "class Node:\n    def __init__(self, value):\n        self.value = value"
+    result = check_mbpp_solution(solution, ["assert root.value == 1"], test_setup_code="root = Node(1)")
+    assert result.passed, result.stderr
+
+
+@pytest.mark.skipif(not MBPP_FILE.exists(), reason="shared MBPP data not present")
+def test_mbpp_reference_solutions_pass_and_swapped_ones_fail():
+    problems = [json.loads(line) for line in MBPP_FILE.read_text().splitlines()[:8]]
+    for problem in problems:
+        result = check_mbpp_solution(problem["code"], problem["test_list"], problem["test_setup_code"])
+        assert result.passed, (problem["task_id"], result.stderr)
+    for problem, other in itertools.pairwise(problems):
+        assert not check_mbpp_solution(other["code"], problem["test_list"], problem["test_setup_code"]).passed
