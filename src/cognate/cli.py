@@ -14,6 +14,10 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("cognate.model.commands", "print a preset's configuration and parameter counts"),
     "train": ("cognate.train.commands", "train one model (single process, or DDP under torchrun)"),
+    "merge": ("cognate.merge.commands", "merge model folders: a method, a recipe, or an evolutionary search"),
+    "pretrain": ("cognate.pretrain_command", "train the three seed models and write the EvoMerge-ready layout"),
+    "eval": ("cognate.eval.commands", "measure a model folder: perplexity, task scores, ACT, memory, collapse"),
+    "generate": ("cognate.export.generate_command", "continue a prompt with a model folder"),
 }
 
 GROUPS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
@@ -30,6 +34,8 @@ GROUPS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
         {
             "memory-recall": ("cognate.bench.memory_recall", "long-range key-value recall, memory on vs off"),
             "scaling": ("cognate.bench.scaling", "forward+backward time per token against sequence length"),
+            "grokfast": ("cognate.bench.grokfast", "Grokfast paper's modular-arithmetic grokking, with and without filters"),
+            "optim": ("cognate.bench.optim", "AdamW vs Muon+AdamW vs MuGrokfast: validation loss on the tiny model"),
         },
     ),
 }
