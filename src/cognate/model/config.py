@@ -32,6 +32,7 @@ class CognateConfig:
 
     # ACT halting.
     act_enabled: bool = True
+    act_hidden: int = 92  # width of the halting head's hidden layer (sized so cognate-25m lands near 25.07M)
     act_threshold: float = 0.5  # a token halts at the first step whose halting probability passes this
     act_entropy_weight: float = 0.01  # inside L_act: keeps halting probabilities from saturating early
     act_diversity_weight: float = 0.05  # inside L_act: penalises every token halting alike
@@ -43,7 +44,7 @@ class CognateConfig:
     mem_enabled: bool = True
     mem_capacity: int = 64  # slots per sequence
     mem_topk: int = 8  # slots each token reads
-    mem_dim: int = 128  # width of a memory slot
+    mem_dim: int = 272  # width of a memory slot (sized so cognate-25m lands at 25.07M parameters)
     mem_chunk_size: int = (
         64  # tokens per write; a token reads only slots written from strictly earlier chunks
     )
@@ -94,6 +95,7 @@ def _problems(c: CognateConfig):
         "t_train",
         "t_infer",
         "grad_steps",
+        "act_hidden",
         "mem_capacity",
         "mem_topk",
         "mem_dim",

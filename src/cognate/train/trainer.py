@@ -304,7 +304,7 @@ def _write_samples(model, tokenizer, config: TrainConfig, step: int, path: Path)
     """Greedy continuations of the sample prompts, appended to samples.jsonl and printed."""
     rows = []
     for prompt in config.sample_prompts:
-        ids = torch.tensor([tokenizer.encode(prompt)], device=model.embed.weight.device)
+        ids = torch.tensor([tokenizer.encode(prompt)], device=next(model.parameters()).device)
         out = model.generate(ids, config.sample_tokens, eos_token_id=tokenizer.eos_token_id)
         rows.append({"step": step, "prompt": prompt, "completion": tokenizer.decode(out[0, ids.size(1) :])})
     with path.open("a") as f:

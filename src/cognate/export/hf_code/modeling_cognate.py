@@ -56,7 +56,7 @@ class CognateForCausalLM(PreTrainedModel, GenerationMixin):
         """Weights come from the checkpoint; the native model initialises itself when built."""
 
     def get_input_embeddings(self):
-        return self.model.embed
+        return self.model.embed_tokens
 
     def get_output_embeddings(self):
         return self.model.lm_head

@@ -1,0 +1,195 @@
+"""The transformer core's layers: RMSNorm, rotary positions, causal (sliding-window) attention, SwiGLU, Block.
+
+Everything here is position-parallel: no loop over tokens. Attention goes through `scaled_dot_product_attention`;
+with a sliding window it is computed block-locally so its cost is O(S·W) rather than O(S²).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cognate.model.config import CognateConfig
+from cognate.model.memory import MemoryBank, MemoryRead
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_normalize(x, self.eps) * self.weight
+
+
+def rms_normalize(x: Tensor, eps: float) -> Tensor:
+    """x / rms(x) over the last dim, computed in fp32 so it is stable under bf16 autocast."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+# --- rotary positions -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rotary:
+    """cos/sin tables for a run of absolute positions, shared by every layer and refinement step of a call."""
+
+    cos: Tensor  # [S, head_dim / 2], fp32
+    sin: Tensor
+
+    @classmethod
+    def for_positions(cls, positions: Tensor, head_dim: int, theta: float) -> Rotary:
+        inv_freq = theta ** (
+            -torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
+        )
+        angles = positions.float()[:, None] * inv_freq[None, :]
+        return cls(angles.cos(), angles.sin())
+
+    def apply(self, x: Tensor) -> Tensor:
+        """Rotate [B, H, S, head_dim] in the half-split (GPT-NeoX / Llama) layout."""
+        x1, x2 = x.float().chunk(2, dim=-1)
+        rotated = torch.cat((x1 * self.cos - x2 * self.sin, x2 * self.cos + x1 * self.sin), dim=-1)
+        return rotated.type_as(x)
+
+
+# --- attention --------------------------------------------------------------------------------------------------
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None, dropout_p: float = 0.0) -> Tensor:
+    """Causal attention over [B, H, S, hd]; query i sees keys j with i - window < j <= i (all j <= i if None)."""
+    if window is None or q.size(-2) <= window:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    return _sliding_window_attention(q, k, v, window, dropout_p)
+
+
+def _sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, dropout_p: float) -> Tensor:
+    """Blocked local attention: each block of `block` queries attends to the `window + block` keys ending at it.
+
+    Every query's window lies inside its block's key span, so one small [block, window + block] mask (plus, for the
+    first blocks, the rule that there are no keys before position 0) gives exact sliding-window attention at
+    O(S·window) time and memory. Blocks of window/4 queries waste little work on masked keys (1.25·window keys per
+    query instead of 2·window with blocks of `window`) while keeping each attention call large.
+    """
+    batch, heads, seq, head_dim = q.shape
+    block = max(1, window // 4)
+    span = window + block
+    n_blocks = math.ceil(seq / block)
+    pad = n_blocks * block - seq
+    # Padding goes after the last query (causality hides it from real queries) and `window` zero keys go before
+    # the first, so block j's keys are padded positions [j·block, j·block + span), i.e. real j·block - window on.
+    q = F.pad(q, (0, 0, 0, pad)).reshape(batch * heads, n_blocks, block, head_dim)
+    k, v = (
+        F.pad(t, (0, 0, window, pad))
+        .reshape(batch * heads, -1, head_dim)
+        .unfold(1, span, block)
+        .transpose(-1, -2)
+        for t in (k, v)
+    )  # [B·H, n_blocks, span, hd]
+    query = torch.arange(block, device=q.device)[:, None]  # position j·block + query
+    key = torch.arange(span, device=q.device)[None, :]  # position j·block - window + key
+    block_start = torch.arange(n_blocks, device=q.device)[:, None, None] * block
+    mask = (key > query) & (key <= query + window) & (key >= window - block_start)
+    # A 4-D mask [1, n_blocks, block, span] keeps SDPA on its fused CPU/GPU kernels (a 3-D one falls back to math).
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None], dropout_p=dropout_p)
+    return out.reshape(batch, heads, n_blocks * block, head_dim)[:, :, :seq]
+
+
+@dataclass
+class KVCache:
+    """Keys and values of one (refinement step, layer) during generation, trimmed to what the window can see."""
+
+    keys: Tensor  # [B, H, L, hd]
+    values: Tensor
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, window: int | None) -> Tensor:
+        """Attention of the new tokens' queries over cached + new keys; then remember the new keys."""
+        cached = self.keys.size(-2)
+        new = q.size(-2)
+        if cached == 0:
+            out = causal_attention(q, k, v, window)
+        else:
+            keys, values = torch.cat((self.keys, k), dim=-2), torch.cat((self.values, v), dim=-2)
+            mask = None
+            if new > 1:  # several new tokens: causal among themselves, windowed over the cache
+                query = torch.arange(cached, cached + new, device=q.device)[:, None]
+                key = torch.arange(cached + new, device=q.device)[None, :]
+                mask = key <= query
+                if window is not None:
+                    mask &= key > query - window
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            k, v = keys, values
+        if window is not None:  # the next query sees only the window - 1 tokens before it
+            first = max(0, k.size(-2) - (window - 1))
+            k, v = k[:, :, first:], v[:, :, first:]
+        self.keys, self.values = k, v
+        return out
+
+    @classmethod
+    def empty(cls, batch: int, heads: int, head_dim: int, device, dtype) -> KVCache:
+        blank = torch.empty(batch, heads, 0, head_dim, device=device, dtype=dtype)
+        return cls(blank, blank)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: CognateConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim, self.window = cfg.n_heads, cfg.head_dim, cfg.attn_window
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor, rotary: Rotary, cache: KVCache | None = None) -> Tensor:
+        batch, seq, d_model = x.shape
+        q, k, v = self.qkv(x).view(batch, seq, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = rotary.apply(q), rotary.apply(k)
+        if cache is None:
+            y = causal_attention(q, k, v, self.window, self.dropout if self.training else 0.0)
+        else:
+            y = cache.attend(q, k, v, self.window)
+        return self.out(y.transpose(1, 2).reshape(batch, seq, d_model))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: CognateConfig) -> None:
+        super().__init__()
+        self.gate = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.up = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.down = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    """Pre-norm block: self-attention, then the memory read (MAG-gated, zero without a bank), then the FFN."""
+
+    def __init__(self, cfg: CognateConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = SelfAttention(cfg)
+        self.memory_read = MemoryRead(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self._init_weights(cfg)
+
+    def forward(
+        self, x: Tensor, rotary: Rotary, bank: MemoryBank | None = None, cache: KVCache | None = None
+    ) -> Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rotary, cache))
+        x = x + self.memory_read(x, bank)
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+    def _init_weights(self, cfg: CognateConfig) -> None:
+        # GPT-2's scheme: N(0, 0.02), with the projections that write into the residual stream scaled down by
+        # the depth they are summed over, so the stream's variance does not grow with n_layers.
+        for linear in (self.attn.qkv, self.ffn.gate, self.ffn.up):
+            nn.init.normal_(linear.weight, std=0.02)
+        for linear in (self.attn.out, self.ffn.down):
+            nn.init.normal_(linear.weight, std=0.02 / math.sqrt(2 * cfg.n_layers))

@@ -1,0 +1,45 @@
+"""Small models for the model tests: a few thousand parameters, memory active from 8 tokens, chunks of 4."""
+
+import torch
+
+from cognate.model.config import CognateConfig
+from cognate.model.model import CognateModel
+
+VOCAB = 61
+
+
+def small_config(**changes) -> CognateConfig:
+    base = CognateConfig(
+        name="test",
+        vocab_size=VOCAB,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        ffn_hidden=64,
+        max_seq_len=256,
+        t_train=3,
+        t_infer=3,
+        grad_steps=2,
+        act_hidden=16,
+        mem_capacity=6,
+        mem_topk=3,
+        mem_dim=16,
+        mem_chunk_size=4,
+        mem_min_seq_len=8,
+    )
+    return base.replace(**changes)
+
+
+def small_model(seed: int = 0, diverse_halting: bool = True, **changes) -> CognateModel:
+    """A small model; with diverse_halting its (untrained) halting head sends tokens to different steps."""
+    torch.manual_seed(seed)
+    model = CognateModel(small_config(**changes))
+    if diverse_halting:
+        with torch.no_grad():
+            model.halting.out.weight.normal_(std=3.0)
+            model.halting.out.bias.zero_()
+    return model
+
+
+def random_tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
