@@ -7,8 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-from cognate.model.config import SPECIALIZATIONS
-
 # Token budgets per size preset: the shared warm-up, then each seed. `tiny` on the built-in curriculum finishes
 # in a few minutes on 2 CPU cores; `cognate-25m` is a real run for a GPU.
 BUDGETS = {"tiny": (300_000, 400_000), "cognate-25m": (50_000_000, 200_000_000)}
@@ -22,27 +20,13 @@ TRAIN_DEFAULTS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="tiny", help="model size preset (tiny, cognate-25m, ...)")
-    parser.add_argument(
-        "--model", choices=SPECIALIZATIONS, help="specialization applied on top of the preset"
-    )
+    from cognate.train.commands import add_config_arguments
+
+    add_config_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="output folder (re-running resumes it)")
-    parser.add_argument(
-        "--data", type=Path, help="a prepared data folder; default: the built-in synthetic one"
-    )
     parser.add_argument("--warmup-tokens", type=int, help="shared warm-up tokens before the seeds diverge")
     parser.add_argument("--seed-tokens", type=int, help="tokens each seed trains after the warm-up")
-    parser.add_argument("--config", type=Path, help="YAML file of model and training settings")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one model or training setting (repeatable)",
-    )
     parser.add_argument("--test", action="store_true", help="a few steps per seed, to check the setup")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
 
 def run(args: argparse.Namespace) -> int:

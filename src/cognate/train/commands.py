@@ -12,7 +12,8 @@ from cognate.model.config import SPECIALIZATIONS, CognateConfig, get_preset, spe
 from cognate.train.config import TEST_OVERRIDES, TrainConfig, load_yaml, parse_overrides, split_overrides
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that choose a model and training setup; `cognate pretrain` shares them."""
     parser.add_argument("--preset", default="tiny", help="model size preset (tiny, cognate-25m, ...)")
     parser.add_argument(
         "--model", choices=SPECIALIZATIONS, help="specialization applied on top of the preset"
@@ -20,10 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
         type=Path,
-        help="a prepared data folder (`cognate data prepare`); "
-        "default: the built-in synthetic curriculum, prepared into RUN/data",
+        help="a prepared data folder (`cognate data prepare`); default: "
+        "the built-in synthetic curriculum, prepared once into ~/.cache/cognate/builtin",
     )
-    parser.add_argument("--out", type=Path, required=True, help="run folder")
     parser.add_argument("--config", type=Path, help="YAML file of model and training settings")
     parser.add_argument(
         "--set",
@@ -33,12 +33,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override one model or training setting (repeatable), e.g. --set lr=3e-4",
     )
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--out", type=Path, required=True, help="run folder")
     parser.add_argument("--test", action="store_true", help="a quick run of a few steps to check the setup")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace whatever run is in --out")
     parser.add_argument("--wandb-mode", choices=("offline", "online", "disabled"), default="disabled")
     parser.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
 
 def resolve_configs(
