@@ -1,0 +1,124 @@
+"""`cognate pretrain`: three seed models in the EvoMerge layout, a registry and a summary, and a re-run that
+skips what is finished."""
+
+import json
+
+import pytest
+import torch
+
+from cognate.data.prepare import PrepareConfig, prepare
+from cognate.model.config import get_preset
+from cognate.pretrain import REGISTRY, SEEDS, SUMMARY, PretrainPlan, pretrain
+from cognate.train.config import TrainConfig
+from cognate.train.distributed import Distributed
+
+MODEL = dict(
+    d_model=32,
+    n_heads=2,
+    n_layers=1,
+    ffn_hidden=64,
+    t_train=2,
+    t_infer=2,
+    grad_steps=1,
+    mem_dim=16,
+    mem_capacity=8,
+    mem_topk=2,
+    mem_chunk_size=32,
+    mem_min_seq_len=128,
+    max_seq_len=256,
+)
+SEED_FILES = (
+    "pytorch_model.bin",
+    "model.safetensors",
+    "config.json",
+    "training_stats.json",
+    "README.md",
+    "tokenizer.json",
+    "hf_format/modeling_cognate.py",
+    "hf_format/model.safetensors",
+    "hf_format/config.json",
+    "hf_format/tokenizer.json",
+)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    data = root / "data"
+    prepare(PrepareConfig(out=data, builtin=True, short_len=64, long_len=256), log=lambda _: None)
+    vocab = json.loads((data / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+    plan = PretrainPlan(
+        model=get_preset("tiny").replace(vocab_size=vocab, **MODEL),
+        train=TrainConfig(
+            batch_size=2,
+            grad_accum=1,
+            max_tokens=10_000,
+            warmup_tokens=0,
+            eval_interval=2,
+            eval_batches=2,
+            log_interval=1,
+            checkpoint_interval=2,
+            bf16=False,
+            sample_prompts=(),
+        ),
+        warmup_tokens=256,
+        seed_tokens=512,
+        eval_batches=2,
+    )
+    dist = Distributed(rank=0, world_size=1, device=torch.device("cpu"))
+    summary = pretrain(plan, data, root / "out", dist)
+    return plan, data, root / "out", summary, dist
+
+
+def test_three_seed_models_with_every_file(pretrained):
+    _, _, out, summary, _ = pretrained
+    assert summary["successful_models"] == summary["total_models"] == 3 and summary["evomerge_ready"]
+    for index in (1, 2, 3):
+        folder = out / f"tiny-model-{index}"
+        for name in SEED_FILES:
+            assert (folder / name).is_file(), f"{folder.name}/{name} missing"
+        config = json.loads((folder / "config.json").read_text())
+        assert config["vocab_size"] == summary["plan"]["model"]["vocab_size"]  # top level, where loaders look
+
+
+def test_registry_lists_the_three_seeds_and_how_they_stay_mergeable(pretrained):
+    _, _, out, _, _ = pretrained
+    registry = json.loads((out / REGISTRY).read_text())
+    assert [m["seed"] for m in registry["seed_models"]] == list(SEEDS)
+    assert len({m["config_hash"] for m in registry["seed_models"]}) == 1
+    assert (
+        registry["mergeability"]["init_seed"] == 0 and registry["mergeability"]["shared_warmup_tokens"] == 256
+    )
+    for model in registry["seed_models"]:
+        assert (out / model["files"]["safetensors"]).is_file()
+        assert model["parameters"] > 0 and model["metrics"]["val_loss"] > 0
+
+
+def test_summary_measures_the_plain_average_against_each_seed(pretrained):
+    _, _, out, _, _ = pretrained
+    summary = json.loads((out / SUMMARY).read_text())
+    check = summary["merge_check"]
+    assert set(check["seed_val_losses"]) == {"tiny-model-1", "tiny-model-2", "tiny-model-3"}
+    assert check["best_seed_val_loss"] == min(check["seed_val_losses"].values())
+    assert check["average_minus_best_seed"] == pytest.approx(
+        check["average_val_loss"] - check["best_seed_val_loss"]
+    )
+
+
+def test_seeds_differ_but_share_their_start(pretrained):
+    _, _, out, _, _ = pretrained
+    from safetensors.torch import load_file
+
+    shared = load_file(out / "shared-warmup" / "model.safetensors")
+    seeds = [load_file(out / f"tiny-model-{i}" / "model.safetensors") for i in (1, 2, 3)]
+    name = "lm_head.weight"
+    assert not torch.equal(seeds[0][name], seeds[1][name])
+    for seed in seeds:  # a few small steps from the shared weights: much closer to them than to a fresh init
+        assert (seed[name] - shared[name]).norm() < 0.5 * shared[name].norm()
+
+
+def test_a_rerun_skips_finished_seeds(pretrained):
+    plan, data, out, _, dist = pretrained
+    again = pretrain(plan, data, out, dist)
+    assert [m.get("skipped") for m in again["models"]] == [True, True, True]
+    assert again["evomerge_ready"]
