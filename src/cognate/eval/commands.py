@@ -1,0 +1,201 @@
+"""`cognate eval`: measure one model folder and print the report as a table (and as JSON with --json)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", type=Path, required=True, help="a model folder (config.json, weights, tokenizer)"
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        help="a prepared data folder with the model's tokenizer: validation perplexity, ACT and memory statistics",
+    )
+    parser.add_argument(
+        "--source-dir",
+        type=Path,
+        help="the raw sources (e.g. ../shared/data): math EM, MBPP pass@1 and QA EM/F1 on held-out examples; "
+        "default: math EM on built-in synthetic arithmetic only",
+    )
+    parser.add_argument("--max-examples", type=int, default=20, help="examples per dataset (default 20)")
+    parser.add_argument(
+        "--val-tokens",
+        type=_tokens,
+        default=65_536,
+        help="validation row tokens to read, a fixed subset of the same short/long mix, or 'all' (default 65536)",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="cap every generation at this many tokens (defaults: math and code 256, QA 32, collapse check 64)",
+    )
+    parser.add_argument(
+        "--json",
+        help="write the report as JSON to this file, or '-' for stdout (the table then goes to stderr)",
+    )
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        help="bfloat16 autocast (default: on with cuda, off on cpu)",
+    )
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+
+
+def _tokens(value: str) -> int | None:
+    if value == "all":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens or 'all', got {value!r}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from cognate.eval.evaluate import EvalConfig, EvalError, evaluate_model_dir
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    caps = {}
+    if args.max_new_tokens is not None:
+        caps = dict.fromkeys(
+            ("math_new_tokens", "code_new_tokens", "qa_new_tokens", "sample_new_tokens"), args.max_new_tokens
+        )
+    try:
+        config = EvalConfig(
+            data=args.data,
+            source_dir=args.source_dir,
+            max_examples=args.max_examples,
+            val_tokens=args.val_tokens,
+            bf16=device.type == "cuda" if args.bf16 is None else args.bf16,
+            **caps,
+        )
+        report = evaluate_model_dir(args.model, config, device)
+    except (EvalError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    table = format_report(report)
+    if args.json == "-":
+        print(table, file=sys.stderr)
+        json.dump(report, sys.stdout, indent=2)
+        print()
+        return 0
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(table)
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0
+
+
+def format_report(report: dict) -> str:
+    """The report as a table a person reads: one line per figure, sections in the report's order."""
+    model = report["model"]
+    lines = [
+        f"{model['name']} ({model['parameters']:,} parameters; t_infer {model['t_infer']}, "
+        f"ACT {_on(model['act_enabled'])}, memory {_on(model['mem_enabled'])})"
+        + (f"  {model['path']}" if "path" in model else ""),
+        "",
+    ]
+    rows: list[tuple[str, str]] = []
+    if validation := report["validation"]:
+        rows.append(
+            ("validation perplexity", f"{validation['perplexity']:.4g} (loss {validation['loss']:.4f} nats)")
+        )
+        for kind, entry in validation["by_kind"].items():
+            if entry["tokens"]:
+                rows.append(
+                    (
+                        f"  {kind} rows",
+                        f"{entry['perplexity']:.4g} over {entry['tokens']:,} tokens "
+                        f"({entry['rows']} of {entry['rows_available']} rows)",
+                    )
+                )
+    if act := report["act"]:
+        rows.append(
+            (
+                "ACT mean steps",
+                f"{act['mean_steps']:.3f} of {act['max_steps']} (variance {act['var_steps']:.3f})",
+            )
+        )
+        histogram = ", ".join(f"{step}: {share:.1%}" for step, share in act["step_histogram"].items())
+        rows.append(("  halting step shares", histogram))
+        quartiles = ", ".join(f"{q['mean_steps']:.2f}" for q in act["steps_by_loss_quartile"])
+        rows.append(("  steps by loss quartile", f"{quartiles} (easiest to hardest)"))
+        if act["loss_step_correlation"] is not None:
+            rows.append(("  loss-step correlation", f"{act['loss_step_correlation']:+.3f}"))
+    if memory := report["memory"]:
+        for kind, entry in memory["by_kind"].items():
+            if entry["active"]:
+                rows.append(
+                    (
+                        f"memory ({kind} rows)",
+                        f"write rate {entry['write_rate']:.3f}, read gate {entry['read_gate']:.3f}, "
+                        f"slots used {entry['slots_used']:.1f} of {memory['capacity']}",
+                    )
+                )
+    if math_section := report["math"]:
+        label = "math EM (SYNTHETIC)" if math_section["synthetic"] else "math EM"
+        rows.append((label, _share(math_section["exact_match"])))
+        for name, entry in math_section["sources"].items():
+            rows.append(
+                (
+                    f"  {name}",
+                    f"{_share(entry['exact_match'])} ({entry['correct']}/{entry['examples']}, "
+                    f"± {entry['stderr']:.3f}; {entry['no_answer']} without an answer)",
+                )
+            )
+    if mbpp := report["mbpp"]:
+        rows.append(
+            (
+                "MBPP pass@1",
+                f"{_share(mbpp['pass_at_1'])} ({mbpp['passed']}/{mbpp['examples']}, ± {mbpp['stderr']:.3f})",
+            )
+        )
+        rows.append(("  outcomes", ", ".join(f"{k} {v}" for k, v in mbpp["outcomes"].items())))
+        rows.append(("  sandbox", mbpp["isolation"]))
+    if qa := report["qa"]:
+        rows.append(("QA EM / F1", f"{_share(qa['exact_match'])} / {_share(qa['f1'])}"))
+        for name, entry in qa["sources"].items():
+            truncated = (
+                f", {entry['truncated_prompts']} prompts cut to fit" if entry["truncated_prompts"] else ""
+            )
+            rows.append(
+                (
+                    f"  {name}",
+                    f"{_share(entry['exact_match'])} / {_share(entry['f1'])} ({entry['examples']} examples{truncated})",
+                )
+            )
+    generation = report["generation"]
+    verdict = "COLLAPSED: " + "; ".join(generation["reasons"]) if generation["collapsed"] else "no collapse"
+    rows.append(("generation check", verdict))
+    rows.append(
+        (
+            "  distinct-1 / distinct-2",
+            f"{generation['distinct_1']:.3f} / {generation['distinct_2']:.3f} over {generation['num_tokens']} "
+            f"words of {generation['num_texts']} greedy completions",
+        )
+    )
+    width = max(len(name) for name, _ in rows)
+    lines += [f"{name:<{width}}  {value}" for name, value in rows]
+    if report["skipped"]:
+        lines += ["", "not measured:"]
+        lines += [f"  {name}: {why}" for name, why in report["skipped"].items()]
+    return "\n".join(lines)
+
+
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
