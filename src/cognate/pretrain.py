@@ -9,8 +9,8 @@
 Mergeability. Models trained from unrelated random initialisations are not linearly mergeable: their hidden units
 are permuted relative to one another, so averaging their weights destroys both. The seeds therefore share one
 initialisation (INIT_SEED) and a short shared warm-up run from it, then diverge by their own seed, which sets their
-data order and dropout. The registry records this choice, and the summary measures it: the validation loss of the
-plain average of the three seeds next to each seed's own.
+data order (and dropout, when the config sets dropout > 0). The registry records this choice, and the summary
+measures it: the validation loss of the plain average of the three seeds next to each seed's own.
 
 Re-running with the same OUT resumes the warm-up or a seed that did not finish and skips finished ones.
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,8 @@ def pretrain(plan: PretrainPlan, data_dir: Path, out: Path, dist: Distributed) -
         try:
             results.append(_train_seed(plan, index, seed, shared_weights, data_dir, out, dist))
         except Exception as error:  # one failed seed is reported, not hidden, and does not stop the others
+            if dist.enabled:
+                raise  # under torchrun a rank that went on alone would pair its collectives with another seed's
             results.append(
                 {
                     "name": model_name(plan, index),
@@ -107,10 +110,23 @@ def pretrain(plan: PretrainPlan, data_dir: Path, out: Path, dist: Distributed) -
 
 
 def _shared_start(plan: PretrainPlan, data_dir: Path, out: Path, dist: Distributed) -> Path:
-    """Weights every seed starts from: INIT_SEED's initialisation, trained `warmup_tokens` if that is > 0."""
+    """Weights every seed starts from: INIT_SEED's initialisation, trained `warmup_tokens` if that is > 0.
+
+    Written atomically, with what made them beside them, so a re-run never starts from a torn file or from the
+    warm-up of a different model.
+    """
     folder = out / WARMUP_DIR
-    weights = folder / WEIGHTS
-    if weights.exists():
+    weights, made_by = folder / WEIGHTS, folder / "shared_start.json"
+    provenance = {
+        "config_hash": config_hash(plan.model),
+        "warmup_tokens": plan.warmup_tokens,
+        "init_seed": INIT_SEED,
+    }
+    if weights.exists() and made_by.exists():
+        if json.loads(made_by.read_text()) != provenance:
+            raise ValueError(
+                f"{folder} holds the shared start of another plan ({made_by.read_text()}); use another --out"
+            )
         return weights
     if plan.warmup_tokens > 0:
         config = plan.train.replace(
@@ -127,7 +143,10 @@ def _shared_start(plan: PretrainPlan, data_dir: Path, out: Path, dist: Distribut
         state = CognateModel(plan.model).state_dict()
     if dist.is_main:
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, weights)
+        partial = weights.with_suffix(".partial")
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, partial)
+        os.replace(partial, weights)
+        made_by.write_text(json.dumps(provenance))
     dist.barrier()
     return weights
 
@@ -247,7 +266,7 @@ def _write_registry(plan: PretrainPlan, out: Path, models: list[dict], data_dir:
             "init_seed": INIT_SEED,
             "shared_warmup_tokens": plan.warmup_tokens,
             "shared_weights": f"{WARMUP_DIR}/{WEIGHTS}",
-            "seeds_vary": ["data order", "dropout"],
+            "seeds_vary": ["data order", "dropout"] if plan.model.dropout > 0 else ["data order"],
         },
         "seed_models": [
             {

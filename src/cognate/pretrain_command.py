@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         model_config, train_config = resolve_configs(
             args, vocab_size=tokenizer_vocab_size(data_dir), train_defaults=TRAIN_DEFAULTS.get(args.preset)
         )
-        warmup, seed = TEST_BUDGET if args.test else BUDGETS.get(args.preset, BUDGETS["tiny"])
+        warmup, seed = TEST_BUDGET if args.test else BUDGETS.get(args.preset, BUDGETS["cognate-25m"])
         plan = PretrainPlan(
             model=model_config,
             train=train_config,

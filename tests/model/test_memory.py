@@ -187,6 +187,9 @@ def test_losses_are_finite_bounded_and_train_the_memory():
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
     for name, parameter in reader.named_parameters():
         assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+    # Tokens without a target teach nothing: with none scored, both losses vanish.
+    nothing = torch.zeros(2, 48, dtype=torch.bool)
+    assert [loss.item() for loss in memory.losses(banks, nothing)] == [0.0, 0.0]
 
 
 def recall_states(batch: int, generator: torch.Generator, n_pairs: int = 4):
@@ -206,20 +209,21 @@ def recall_states(batch: int, generator: torch.Generator, n_pairs: int = 4):
 
 
 def test_read_loss_teaches_the_query_to_find_the_source_of_what_comes_next():
-    memory, _ = make_memory(mem_capacity=8, mem_topk=8)
+    memory, _ = make_memory(mem_capacity=8, mem_topk=8, mem_dim=64)
     memory.train()
     optimizer = torch.optim.Adam(memory.parameters(), lr=1e-2)
     generator = torch.Generator().manual_seed(5)
 
     def source_accuracy() -> float:
+        """How often a queried key scores highest the slot of the chunk that holds it."""
         states, positions, source = recall_states(64, generator)
         with torch.no_grad():
             bank = memory.build(1, states, None, None)
         scores = bank.retrieval[:, positions].masked_fill(~bank.visible[:, positions], float("-inf"))
         return (scores.argmax(-1) == source).float().mean().item()
 
-    before = source_accuracy()
-    for _ in range(80):
+    assert source_accuracy() < 0.5
+    for _ in range(60):
         states, positions, _ = recall_states(16, generator)
         scored = torch.zeros(states.shape[:2], dtype=torch.bool)
         scored[:, positions] = True  # the keys: the tokens whose targets (their values) sit in the memory
@@ -227,8 +231,9 @@ def test_read_loss_teaches_the_query_to_find_the_source_of_what_comes_next():
         optimizer.zero_grad()
         read_loss.backward()
         optimizer.step()
-    assert before < 0.5
-    assert source_accuracy() > 0.9
+    # The positives are a heuristic (noisy where fillers dominate a chunk), but they agree with the source more
+    # than with anything else, so the query learns to find the source.
+    assert source_accuracy() > 0.85
 
 
 def test_no_bank_and_empty_bank_read_nothing():

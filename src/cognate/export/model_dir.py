@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from cognate.export.hf import export_hf, hf_config_dict
+from cognate.export.hf import CODE_FILE, export_hf, hf_config_dict, modeling_source
 from cognate.model.config import HF_CONFIG_NAMES, CognateConfig
 from cognate.model.model import CognateModel
 from cognate.model.params import parameter_breakdown
@@ -40,7 +40,7 @@ def save_model_dir(
 ) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state = {name: t.detach().contiguous().clone() for name, t in model.state_dict().items()}
+    state = {name: t.detach().cpu().contiguous().clone() for name, t in model.state_dict().items()}
     (out / "config.json").write_text(
         json.dumps(hf_config_dict(model.cfg, tokenizer), indent=2, sort_keys=True)
     )
@@ -49,9 +49,12 @@ def save_model_dir(
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     stats = {"parameters": sum(parameter_breakdown(model).values()), **(stats or {})}
-    (out / "training_stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True))
     (out / "README.md").write_text(card or model_card(model.cfg, stats))
     export_hf(state, model.cfg, out / "hf_format", tokenizer)
+    # config.json's auto_map points here too, so the folder itself loads with AutoModelForCausalLM.
+    (out / CODE_FILE).write_text(modeling_source())
+    # Last: its presence marks the folder complete (a re-run of `cognate pretrain` trusts it).
+    (out / "training_stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True))
     return out
 
 

@@ -281,25 +281,12 @@ class LongTermMemory(nn.Module):
         scored: [B, S] bool, the tokens that have a target (padding and document boundaries have none); only their
         reads teach the read queries and count as a slot's use. None: every token.
         """
-        device = self.key.weight.device
-        zero = torch.zeros((), device=device)
         if not banks:
+            zero = torch.zeros((), device=self.key.weight.device)
             return zero, zero
-        read_losses, write_losses = [], []
-        for bank in banks:
-            readers = bank.visible if scored is None else bank.visible & scored[..., None]
-            utility = _utility(bank.read_bias, readers, bank.n_slots - bank.n_new)
-            has_positive = bank.positive >= 0 if scored is None else (bank.positive >= 0) & scored
-            if has_positive.any():
-                logits = bank.retrieval.masked_fill(~bank.visible, float("-inf"))[has_positive]
-                read_losses.append(F.cross_entropy(logits, bank.positive[has_positive]))
-            else:
-                read_losses.append(bank.retrieval.sum() * 0.0)
-            used = ~utility.isnan()
-            gate = torch.sigmoid(bank.write_logit.float())
-            error = (gate - utility.nan_to_num(0.0)).square() * used
-            write_losses.append(error.sum() / used.sum().clamp(min=1))
-        return torch.stack(read_losses).mean(), torch.stack(write_losses).mean()
+        read = torch.stack([_read_loss(bank, scored) for bank in banks]).mean()
+        write = torch.stack([_write_loss(bank, scored) for bank in banks]).mean()
+        return read, write
 
     def next_state(self, banks: list[MemoryBank]) -> MemoryState:
         """The memory after this call's complete chunks; `banks` holds one bank per refinement step, in order."""
@@ -424,6 +411,27 @@ def _count_stronger_before(rank_key: Tensor) -> Tensor:
     ri, rj = rank_key[:, :, None], rank_key[:, None, :]
     outranks = ((ri > rj) | ((ri == rj) & (index[:, None] > index[None, :]))) & (ri > float("-inf"))
     return F.pad(outranks.int().cumsum(dim=1), (0, 0, 1, 0))
+
+
+def _read_loss(bank: MemoryBank, scored: Tensor | None) -> Tensor:
+    """InfoNCE of the read queries' cosine logits over the visible slots against each token's positive."""
+    if bank.n_slots == 0:
+        return bank.retrieval.sum() * 0.0
+    has_positive = bank.positive >= 0 if scored is None else (bank.positive >= 0) & scored
+    # Rows without a positive get finite dummy logits (zeroed out below) so that nothing turns into NaN.
+    logits = bank.retrieval.masked_fill(~bank.visible, float("-inf"))
+    logits = torch.where(has_positive[..., None], logits, 0.0)
+    loss = F.cross_entropy(logits.transpose(1, 2), bank.positive.clamp(min=0), reduction="none")
+    return (loss * has_positive).sum() / has_positive.sum().clamp(min=1)
+
+
+def _write_loss(bank: MemoryBank, scored: Tensor | None) -> Tensor:
+    """Squared error between each new slot's learned write gate and its (detached) utility."""
+    readers = bank.visible if scored is None else bank.visible & scored[..., None]
+    utility = _utility(bank.read_bias, readers, bank.n_slots - bank.n_new)
+    used = ~utility.isnan()
+    error = (torch.sigmoid(bank.write_logit.float()) - utility.nan_to_num(0.0)).square() * used
+    return error.sum() / used.sum().clamp(min=1)
 
 
 def _utility(read_bias: Tensor, readers: Tensor, n_prior: int) -> Tensor:

@@ -15,8 +15,10 @@ from cognate.model.config import ConfigError
 class TrainConfig:
     seed: int = 42  # data order, dropout and (without init_from) the initialisation
     init_from: str | None = None  # start from these weights (a .safetensors file) instead of a fresh init
-    batch_size: int = 8  # sequences per micro-batch, summed over processes
-    grad_accum: int = 4  # micro-batches per optimizer update
+    batch_size: int = (
+        8  # short sequences per micro-batch and process (long micro-batches hold as many tokens)
+    )
+    grad_accum: int = 4  # micro-batches per optimizer update and process: W processes see W times the batch
     max_tokens: int = 50_000_000  # the schedule's length; training stops here at the latest
     max_steps: int | None = (
         None  # optional cap on optimizer updates (quick runs), the schedule keeps max_tokens

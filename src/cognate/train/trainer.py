@@ -72,7 +72,7 @@ def prepare_run_dir(run_dir: Path, run_config: dict, *, resume: bool, overwrite:
             raise RunFolderError(
                 f"{run_dir} already holds this run; pass --resume to continue or --overwrite"
             )
-    if overwrite and run_dir.exists():
+    if overwrite and path.exists():  # only ever delete what is recognisably a run folder
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(run_config, indent=2, sort_keys=True))
@@ -143,7 +143,11 @@ def train(
     window = _Window()
 
     try:
-        while progress.step < total_steps and progress.stop_reason is None:
+        while (
+            progress.step < total_steps
+            and progress.tokens < config.max_tokens
+            and progress.stop_reason is None
+        ):
             multiplier = lr_multiplier(
                 progress.tokens, config.warmup_tokens, config.max_tokens, config.min_lr_ratio
             )
@@ -172,7 +176,8 @@ def train(
                 )
 
             row = None
-            if progress.step % config.log_interval == 0 or progress.step == total_steps:
+            last = progress.step >= total_steps or progress.tokens >= config.max_tokens
+            if progress.step % config.log_interval == 0 or last:
                 elapsed = time.perf_counter() - start_time
                 rate = (progress.tokens - start_tokens) / max(elapsed, 1e-9)
                 remaining = (total_steps - progress.step) * elapsed / max(progress.step - start_step, 1)
@@ -180,10 +185,10 @@ def train(
                     progress,
                     _adamw_lr(optimizer),
                     rate,
-                    rate * flops / peak_flops,
+                    rate * flops / (peak_flops * dist.world_size),  # every process has that peak
                     format_duration(remaining),
                 )
-            if progress.step % config.eval_interval == 0 or progress.step == total_steps:
+            if progress.step % config.eval_interval == 0 or last:
                 row = row or {"step": progress.step, "tokens": progress.tokens}
                 row.update(validate(model, data, config.eval_batches, autocast, dist))
                 _early_stopping(progress, row["val_loss"], config, model, run_dir, dist)
@@ -192,17 +197,20 @@ def train(
             if row is not None and log is not None:
                 log.log(row)
             out_of_time = config.max_minutes is not None and (
-                progress.elapsed_s + time.perf_counter() - start_time > 60 * config.max_minutes
+                time.perf_counter() - start_time
+                > 60 * config.max_minutes  # per invocation: a resume gets a new one
             )
             if dist.all_true(out_of_time) and progress.stop_reason is None:
                 progress.stop_reason = "time budget reached"
             if (
                 progress.step % config.checkpoint_interval == 0
                 or progress.stop_reason
-                or progress.step == total_steps
+                or last
             ):
                 _save(run_dir, model, optimizer, data, progress, start_time, dist)
-        progress.stop_reason = progress.stop_reason or "token budget reached"
+        progress.stop_reason = progress.stop_reason or (
+            "token budget reached" if progress.tokens >= config.max_tokens else "step limit reached"
+        )
         progress.elapsed_s += time.perf_counter() - start_time
     finally:
         if log is not None:
@@ -355,7 +363,7 @@ def _save(
 
 
 def _restore(path: Path, model, optimizer, data: TrainingData, dist: Distributed) -> Progress:
-    state = checkpoint.load(path, map_location=dist.device)
+    state = checkpoint.load(path)  # on the CPU: RNG states must stay there; load_state_dict moves the rest
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     data.load_state_dict(state["data"])
@@ -374,9 +382,9 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
+    torch.set_rng_state(state["cpu"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 class _Window:

@@ -10,14 +10,14 @@ max_position_embeddings, ...); weight names are `model.` + the native names (`mo
 import dataclasses
 
 import torch
-from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
 from .config import HF_CONFIG_NAMES, CognateConfig
 from .model import CognateModel
 
 
-class CognateHFConfig(PreTrainedConfig):
+class CognateHFConfig(PretrainedConfig):
     model_type = "cognate"
 
     def __init__(self, **kwargs):
@@ -64,6 +64,11 @@ class CognateForCausalLM(PreTrainedModel, GenerationMixin):
     def forward(
         self, input_ids: torch.LongTensor, attention_mask=None, labels=None, **kwargs
     ) -> CausalLMOutput:
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError(
+                "padded batches are not supported: the model has no padding mask; pass one sequence "
+                "or sequences of equal length"
+            )
         # Hugging Face labels are aligned with the inputs; the native model takes next-token targets.
         targets = None
         if labels is not None:
