@@ -125,7 +125,8 @@ class LongTermMemory(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.pool_score = nn.Linear(cfg.d_model, 1)  # which tokens of a chunk its slot summarises
+        # Which tokens of a chunk its slot summarises (no bias: the softmax over a chunk ignores it).
+        self.pool_score = nn.Linear(cfg.d_model, 1, bias=False)
         self.key = nn.Linear(cfg.d_model, cfg.mem_dim, bias=False)
         self.value = nn.Linear(cfg.d_model, cfg.mem_dim, bias=False)
         self.write_gate = nn.Linear(cfg.d_model, 1)
@@ -148,9 +149,9 @@ class LongTermMemory(nn.Module):
         """The memory that refinement step `step` (1-based) reads.
 
         states: [B, S, d_model], h_{step-1} of this call's tokens (the embeddings at step 1).
-        surprise: [B, S] detached per-token CE of step step-1's prediction of the next input token; None at step 1
-            (no prediction yet: full surprise). NaN marks an unknown value (the call's last token has no next token);
-            a chunk's surprise is the mean over its known tokens.
+        surprise: [B, S] detached CE of step step-1's prediction of each input token (made at the position before
+            it); None at step 1 (no prediction yet: full surprise). NaN marks an unknown value (a call's first token
+            when nothing came before it); a chunk's surprise is the mean over its known tokens.
         prior: the memory carried in from the previous call, or None for a fresh sequence.
         """
         c = self.cfg
@@ -175,7 +176,8 @@ class LongTermMemory(nn.Module):
         n_new = all_states.shape[1] // c.mem_chunk_size
         complete = n_new * c.mem_chunk_size
 
-        new_keys, new_values, write_logit = self._propose(all_states[:, :complete])
+        normed = self.norm(all_states)
+        new_keys, new_values, write_logit = self._propose(normed[:, :complete])
         if prior is not None:
             prior_keys, prior_values = prior.keys[step - 1], prior.values[step - 1]
             prior_strength = prior.strength[step - 1].float()
@@ -210,8 +212,8 @@ class LongTermMemory(nn.Module):
         token_chunk = torch.arange(n_pending, n_pending + seq_len, device=keys.device) // c.mem_chunk_size
         visible = visible_chunk[:, token_chunk]  # [B, S, n_slots]
 
-        retrieval, read_bias, reads = self._select(states, keys, rank_key, visible)
-        positive = self._positives(states, values, visible)
+        retrieval, read_bias, reads = self._select(normed[:, n_pending:], keys, rank_key, visible)
+        positive = self._positives(normed[:, n_pending:], values, visible)
         kept = written[:, n_prior:] & (
             torch.diagonal(count_stronger[:, n_prior + 1 :, n_prior:], dim1=1, dim2=2) < c.mem_capacity
         )
@@ -234,21 +236,19 @@ class LongTermMemory(nn.Module):
             pending_surprise=all_surprise[:, complete:],
         )
 
-    def _propose(self, states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """One slot proposal per complete chunk: its key, value and write-gate logit."""
-        batch, length, d_model = states.shape
-        chunks = self.norm(states).view(
-            batch, length // self.cfg.mem_chunk_size, self.cfg.mem_chunk_size, d_model
-        )
+    def _propose(self, normed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One slot proposal per complete chunk of the normalised states: its key, value and write-gate logit."""
+        batch, length, d_model = normed.shape
+        chunks = normed.view(batch, length // self.cfg.mem_chunk_size, self.cfg.mem_chunk_size, d_model)
         weights = torch.softmax(self.pool_score(chunks).squeeze(-1).float(), dim=-1).to(chunks.dtype)
         summary = torch.einsum("bnl,bnld->bnd", weights, chunks)
         return self.key(summary), self.value(summary), self.write_gate(summary).squeeze(-1)
 
     def _select(
-        self, states: Tensor, keys: Tensor, rank_key: Tensor, visible: Tensor
+        self, normed: Tensor, keys: Tensor, rank_key: Tensor, visible: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Each token's top-k visible slots: (cosine logits, log read-probabilities or -inf, reads mask)."""
-        query = F.normalize(self.query(self.norm(states)).float(), dim=-1)
+        query = F.normalize(self.query(normed).float(), dim=-1)
         retrieval = query @ F.normalize(keys.float(), dim=-1).transpose(1, 2) / RETRIEVAL_TEMPERATURE
         # Slot strength enters as a log prior; rank_key is log strength up to a constant per query chunk, which the
         # softmax over one token's slots ignores.
@@ -259,14 +259,14 @@ class LongTermMemory(nn.Module):
         reads = visible.any(dim=-1, keepdim=True)
         # A token that sees no slot reads nothing; a finite row keeps the softmax free of NaNs (its read is zeroed).
         read_bias = torch.log_softmax(selected.masked_fill(~reads, 0.0), dim=-1)
-        return retrieval, read_bias, reads.to(states.dtype)
+        return retrieval, read_bias, reads.to(normed.dtype)
 
     @torch.no_grad()
-    def _positives(self, states: Tensor, values: Tensor, visible: Tensor) -> Tensor:
+    def _positives(self, normed: Tensor, values: Tensor, visible: Tensor) -> Tensor:
         """L_read positive of each token: the visible slot whose value best matches the next token's state."""
         if values.shape[1] == 0:
             return visible.new_full(visible.shape[:2], -1, dtype=torch.long)
-        target = F.normalize(self.value(self.norm(states[:, 1:])).float(), dim=-1)
+        target = F.normalize(self.value(normed[:, 1:]).float(), dim=-1)
         match = target @ F.normalize(values.float(), dim=-1).transpose(1, 2)
         match = match.masked_fill(~visible[:, :-1], float("-inf"))
         positive = match.argmax(dim=-1)

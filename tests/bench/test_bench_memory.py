@@ -1,0 +1,74 @@
+"""Smoke tests of the memory benchmarks: the task is built honestly and each command prints its JSON line."""
+
+import json
+
+import pytest
+import torch
+
+from cognate.bench.memory_recall import IGNORE_INDEX, RecallSettings, make_batch
+from cognate.cli import main
+from cognate.model.config import ConfigError
+
+
+def test_recall_values_sit_beyond_the_attention_reach_and_are_scored_only_after_keys():
+    settings = RecallSettings(n_pairs=4, chunk_size=8, attn_window=8, n_layers=2, refinement_steps=2)
+    input_ids, targets = make_batch(settings, 16, torch.Generator().manual_seed(0))
+    assert input_ids.shape == targets.shape == (16, settings.seq_len)
+    first_key, first_value = settings.n_filler, settings.n_filler + settings.n_keys
+    scored = targets != IGNORE_INDEX
+    assert (scored.sum(1) == settings.n_pairs).all()
+    # Scored positions hold keys; their targets are values, and the same key-value pair sits in the store.
+    assert ((input_ids[scored] >= first_key) & (input_ids[scored] < first_value)).all()
+    assert (targets[scored] >= first_value).all()
+    store_end = settings.n_pairs * settings.chunk_size
+    for row in range(16):
+        positions = scored[row].nonzero().flatten()
+        for position in positions:
+            key, value = input_ids[row, position], targets[row, position]
+            in_store = (input_ids[row, : store_end - 1] == key).nonzero().flatten()
+            assert len(in_store) == 1 and input_ids[row, in_store + 1] == value
+            # Every stored copy of the answer is farther back than attention can reach.
+            assert position - (in_store + 1) > settings.attention_reach
+        # Every key in the store is queried once, and each pair sits inside one memory chunk.
+        store_keys = (input_ids[row, :store_end] >= first_key) & (input_ids[row, :store_end] < first_value)
+        key_positions = store_keys.nonzero().flatten()
+        assert len(key_positions) == settings.n_pairs
+        assert torch.equal(key_positions // settings.chunk_size, torch.arange(settings.n_pairs))
+        assert ((key_positions + 1) // settings.chunk_size == key_positions // settings.chunk_size).all()
+
+
+def test_recall_settings_name_every_bad_field():
+    with pytest.raises(ConfigError) as error:
+        RecallSettings(n_pairs=9, n_keys=8, n_values=0)
+    assert "n_pairs=9 exceeds n_keys=8" in str(error.value) and "n_values=0" in str(error.value)
+
+
+def test_memory_recall_prints_one_json_line(capsys):
+    argv = [
+        "bench",
+        "memory-recall",
+        "--json",
+        "--train-steps",
+        "2",
+        "--eval-sequences",
+        "4",
+        "--batch-size",
+        "4",
+    ]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip())
+    assert set(result) >= {"accuracy_memory_on", "accuracy_memory_off", "chance", "settings"}
+    assert result["chance"] == pytest.approx(1 / RecallSettings().n_values, abs=1e-4)
+    assert 0.0 <= result["accuracy_memory_on"] <= 1.0 and 0.0 <= result["accuracy_memory_off"] <= 1.0
+    assert result["settings"]["train_steps"] == 2
+    assert result["gap"] > result["attention_reach"]
+
+
+def test_scaling_prints_seconds_per_token_per_length(capsys):
+    argv = ["bench", "scaling", "--json", "--preset", "tiny", "--lengths", "64", "128"]
+    argv += ["--tokens-per-step", "128", "--repeats", "1", "--warmup", "0", "--device", "cpu"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip())
+    assert set(result["seconds_per_token"]) == {"64", "128"}
+    assert all(seconds > 0 for seconds in result["seconds_per_token"].values())
+    assert result["ratio_128_to_64"] > 0
