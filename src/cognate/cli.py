@@ -35,7 +35,9 @@ GROUPS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
             "memory-recall": ("cognate.bench.memory_recall", "long-range key-value recall, memory on vs off"),
             "scaling": ("cognate.bench.scaling", "forward+backward time per token against sequence length"),
             "grokfast": ("cognate.bench.grokfast", "Grokfast paper's modular-arithmetic grokking, with and without filters"),
+            "train": ("cognate.bench.train_speed", "training tokens/s and MFU: plain transformer vs Cognate fast path"),
             "optim": ("cognate.bench.optim", "AdamW vs Muon+AdamW vs MuGrokfast: validation loss on the tiny model"),
+            "generate": ("cognate.bench.generate_speed", "generation tokens/s: KV cache vs recompute, native vs Hugging Face export"),
         },
     ),
 }

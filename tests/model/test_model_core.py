@@ -31,7 +31,8 @@ def test_forward_returns_total_loss_its_parts_logits_and_statistics(mode):
     targets[:, -1] = -100
     out = _forward(model, tokens, targets=targets)
 
-    assert out.logits.shape == (2, LENGTH, VOCAB)
+    # Training with targets goes through the fused head, which never materialises the logits.
+    assert out.logits is None if mode == "train" else out.logits.shape == (2, LENGTH, VOCAB)
     assert set(out.losses) == {"ref", "act", "read", "write"}
     assert all(torch.isfinite(value) and value >= 0 for value in out.losses.values())
     assert out.losses["act"] > 0 and out.losses["read"] > 0 and out.losses["write"] > 0
@@ -196,11 +197,12 @@ def test_bf16_autocast_on_cpu_trains_and_evaluates():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(tokens, targets=tokens)
     out.loss.backward()
-    assert torch.isfinite(out.loss) and out.logits.dtype == torch.bfloat16
+    assert torch.isfinite(out.loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     model.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.isfinite(model(tokens, targets=tokens).loss)
+        out = model(tokens, targets=tokens)
+    assert torch.isfinite(out.loss) and out.logits.dtype == torch.bfloat16
 
 
 def test_a_few_optimizer_steps_lower_the_loss():

@@ -28,17 +28,18 @@ from torch.utils.checkpoint import checkpoint
 from cognate.model.act import HaltingHead, act_loss, first_halting_step, step_statistics
 from cognate.model.config import CognateConfig
 from cognate.model.generate import DecodeState, generate
+from cognate.model.head import IGNORE_INDEX, fused_linear_cross_entropy
 from cognate.model.layers import Block, KVCache, RMSNorm, Rotary, rms_normalize
 from cognate.model.memory import LongTermMemory, MemoryBank, MemoryState
-
-IGNORE_INDEX = -100
 
 
 @dataclass
 class CognateOutput:
     loss: Tensor | None  # L_ref + w_act·L_act + w_read·L_read + w_write·L_write; None without targets
     losses: dict[str, Tensor]  # ref, act, read, write (0 when that part is off or there is nothing to score)
-    logits: Tensor  # [B, S, V] final logits (in evaluation: each token's logits at its halting step)
+    # [B, S, V] final logits (in evaluation: each token's logits at its halting step). None when training with
+    # targets: the fused head computes the loss without materialising them.
+    logits: Tensor | None
     act: dict[str, Tensor]  # steps [B, S] (halting step per token), mean_steps, var_steps, mean_halt_prob
     memory: dict[str, Tensor]  # the memory's statistics for this call (empty when memory is off)
     # The memory after this call, to pass to the next call that continues the sequence; None when memory is off.
@@ -94,27 +95,41 @@ class CognateModel(nn.Module):
         cfg = self.cfg
         e, rotary = self._embed(input_ids, start=0)
         first_grad_step = n_steps - min(cfg.grad_steps, n_steps) + 1
-        h, surprise = e, None
+        fused = targets is not None  # the loss without materialising logits (see cognate.model.head)
+        surprise_labels = next_token_labels(input_ids) if fused and memory_on else None
+        flat_targets = targets.flatten() if fused else None
+        n_valid = (targets != IGNORE_INDEX).sum().clamp_min(1) if fused else None
+        h, surprise, logits = e, None, None
         banks: list[MemoryBank] = []
         ref_losses, halt_logits, correct, halt_probs = [], [], [], []
         for step in range(1, n_steps + 1):
             carries_grad = step >= first_grad_step
+            needs_head = carries_grad or memory_on
             with contextlib.nullcontext() if carries_grad else torch.no_grad():
                 bank = self.memory.build(step, h, surprise, memory_state) if memory_on else None
                 h = self._core(h + e, rotary, bank)
                 normed = self.norm(h)
                 halt_logit = self.halting(normed) if cfg.act_enabled else None
-                logits = self.lm_head(normed) if carries_grad or bank is not None else None
+                if fused and needs_head:
+                    head = fused_linear_cross_entropy(
+                        normed.flatten(0, 1), self.lm_head.weight, flat_targets, surprise_labels
+                    )
+                elif needs_head:
+                    logits = self.lm_head(normed)
             if bank is not None:
                 banks.append(bank)
-                surprise = token_surprise(logits.detach(), input_ids)
+                surprise = (
+                    _surprise_from_label_ce(head.label_ce.view_as(input_ids))
+                    if fused
+                    else token_surprise(logits.detach(), input_ids)
+                )
             if halt_logit is not None:
                 halt_probs.append(torch.sigmoid(halt_logit.detach()))
-            if carries_grad and targets is not None:
-                ref_losses.append(_cross_entropy(logits, targets))
+            if carries_grad and fused:
+                ref_losses.append(head.loss_sum / n_valid)
                 if halt_logit is not None:
                     halt_logits.append(halt_logit)
-                    correct.append(logits.detach().argmax(-1) == targets)
+                    correct.append(head.correct.view_as(targets))
         valid = _valid(input_ids, targets)
         steps = (
             first_halting_step(halt_probs, cfg.act_threshold)
@@ -249,7 +264,7 @@ class CognateModel(nn.Module):
         if loss_banks:
             losses["read"], losses["write"] = self.memory.losses(loss_banks)
         else:
-            losses["read"] = losses["write"] = _zero(logits)
+            losses["read"] = losses["write"] = _zero(losses["ref"])
         total = None
         if targets is not None:
             total = (
@@ -259,7 +274,7 @@ class CognateModel(nn.Module):
                 + cfg.w_write * losses["write"]
             )
         mean_steps, var_steps = step_statistics(steps, valid)
-        mean_halt = torch.stack(halt_probs).mean() if halt_probs else _zero(logits)
+        mean_halt = torch.stack(halt_probs).mean() if halt_probs else _zero(losses["ref"])
         act = {"steps": steps, "mean_steps": mean_steps, "var_steps": var_steps, "mean_halt_prob": mean_halt}
         memory_state = self.memory.next_state(banks) if banks else None
         memory = self.memory.stats(banks) if banks else {}
@@ -279,6 +294,16 @@ def token_surprise(logits: Tensor, input_ids: Tensor, previous_logits: Tensor | 
     else:
         first = F.cross_entropy(previous_logits, input_ids[:, 0], reduction="none")[:, None].float()
     return torch.cat((first, later), dim=1).detach()
+
+
+def next_token_labels(input_ids: Tensor) -> Tensor:
+    """labels[:, i] = input_ids[:, i + 1]; the last position has no next token (IGNORE_INDEX)."""
+    return F.pad(input_ids[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
+
+
+def _surprise_from_label_ce(label_ce: Tensor) -> Tensor:
+    """`token_surprise` from the fused head's CE against `next_token_labels`: shifted one position right."""
+    return F.pad(label_ce[:, :-1], (1, 0), value=float("nan"))
 
 
 def _cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ import time
 import torch
 from torch import nn
 
-from cognate.model.config import CognateConfig
+from cognate.model.model import CognateModel
 
 
 def measure_matmul_flops(
@@ -40,21 +40,36 @@ def measure_matmul_flops(
     return 2 * size**3 / best
 
 
-def matmul_params(module: nn.Module) -> int:
+def matmul_params(*modules: nn.Module) -> int:
     """Parameters that take part in a matmul per token: every weight of 2 or more dims except embedding tables."""
-    embeddings = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
-    return sum(p.numel() for p in module.parameters() if p.dim() >= 2 and id(p) not in embeddings)
+    total = 0
+    for module in modules:
+        embeddings = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+        total += sum(p.numel() for p in module.parameters() if p.dim() >= 2 and id(p) not in embeddings)
+    return total
 
 
-def flops_per_token(
-    model: nn.Module, config: CognateConfig, seq_len: int, *, grad_steps: int, no_grad_steps: int = 0
-) -> float:
-    """Training FLOPs per token, counting every refinement step the model really runs.
+def flops_per_token(model: CognateModel, seq_len: int, *, training: bool = True) -> float:
+    """FLOPs per token of one forward (+ backward when training) at `seq_len`, counting only what really runs.
 
-    A step with gradients costs forward + backward (3x the forward); a step under no_grad costs one forward.
-    Attention adds 2 matmuls over the visible context (half the window on average, causal).
+    Every refinement step runs the blocks (2 FLOPs per matmul weight, plus attention's two matmuls over the causal
+    half of the visible context) and, with ACT on, the halting head. The memory (its reads in every block and the
+    write/read projections) runs only where the sequence is long enough to turn it on. The LM head runs on the
+    steps with gradients, and on every step when the memory needs its surprise. A step with gradients costs 3x its
+    forward; the first t_train - grad_steps steps run under no_grad and cost one forward.
     """
-    context = min(seq_len, config.attn_window or seq_len)
-    attention = 2 * 2 * config.n_layers * config.d_model * context / 2
-    forward = 2 * matmul_params(model) + attention
-    return forward * (3 * grad_steps + no_grad_steps)
+    cfg = model.cfg
+    memory_on = cfg.mem_enabled and seq_len >= cfg.mem_min_seq_len
+    context = min(seq_len, cfg.attn_window or seq_len)
+    attention = 2 * 2 * cfg.n_layers * cfg.d_model * context / 2
+    core = 2 * sum(matmul_params(block.attn, block.ffn) for block in model.layers) + attention
+    if cfg.act_enabled:
+        core += 2 * matmul_params(model.halting)
+    if memory_on:
+        core += 2 * matmul_params(model.memory, *(block.memory_read for block in model.layers))
+    head = 2 * matmul_params(model.lm_head)
+    if not training:
+        return cfg.t_infer * core + head
+    grad_steps = min(cfg.grad_steps, cfg.t_train)
+    no_grad_steps = cfg.t_train - grad_steps
+    return 3 * grad_steps * (core + head) + no_grad_steps * (core + (head if memory_on else 0))

@@ -118,13 +118,7 @@ def train(
 
     total_steps = _total_steps(config, data.tokens_per_micro_batch)
     peak_flops = measure_matmul_flops(torch.bfloat16 if config.bf16 else torch.float32, dist.device)
-    flops = flops_per_token(
-        model,
-        model_config,
-        data.seq_lens["short"],
-        grad_steps=model_config.grad_steps,
-        no_grad_steps=model_config.t_train - model_config.grad_steps,
-    )
+    flops = flops_per_token(model, data.seq_lens["short"])
     log = (
         MetricsLog(
             run_dir,

@@ -62,7 +62,7 @@ class CognateForCausalLM(PreTrainedModel, GenerationMixin):
         return self.model.lm_head
 
     def forward(
-        self, input_ids: torch.LongTensor, attention_mask=None, labels=None, **kwargs
+        self, input_ids: torch.LongTensor, attention_mask=None, labels=None, memory_state=None, **kwargs
     ) -> CausalLMOutput:
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError(
@@ -74,10 +74,17 @@ class CognateForCausalLM(PreTrainedModel, GenerationMixin):
         if labels is not None:
             targets = torch.full_like(labels, -100)
             targets[:, :-1] = labels[:, 1:]
-        out = self.model(input_ids, targets=targets)
+        out = self.model(input_ids, targets=targets, memory_state=memory_state)
         return CausalLMOutput(loss=out.loss, logits=out.logits)
 
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
         # The native model recomputes the prefix (its KV cache is per refinement step, which transformers'
-        # cache classes do not describe); `cognate generate` uses the native cache.
-        return {"input_ids": input_ids}
+        # cache classes do not describe); `cognate generate` uses the native cache. Like native generation,
+        # read memory at any length (an empty state turns it on below mem_min_seq_len), so the tokens match.
+        inputs = {"input_ids": input_ids}
+        cfg = self.model.cfg
+        if cfg.mem_enabled:
+            inputs["memory_state"] = self.model.memory.empty_state(
+                cfg.t_infer, input_ids.size(0), input_ids.device, torch.float32
+            )
+        return inputs

@@ -1,0 +1,67 @@
+"""`cognate bench train`: one JSON line with the figures the speed issue asks for, and honest FLOP accounting."""
+
+import json
+
+import pytest
+
+from cognate.bench.train_speed import DEFAULT_BASELINE, load_baseline
+from cognate.cli import main
+from cognate.model.config import get_preset
+from cognate.model.model import CognateModel
+from cognate.train.throughput import flops_per_token
+
+
+def test_the_baseline_is_plain_pytorch_without_cognate_code():
+    source = DEFAULT_BASELINE.read_text()
+    assert "import cognate" not in source and "from cognate" not in source
+    plain = load_baseline(DEFAULT_BASELINE)
+    model = plain.PlainGPT(plain.PlainConfig())
+    # nanoGPT layout at the cognate-25m dimensions: d 216, 11 layers, 4x MLP, untied 32000-token head.
+    assert model.lm_head.weight.shape == (32_000, 216) and len(model.blocks) == 11
+
+
+def test_command_prints_the_figures_as_one_json_line(capsys):
+    assert (
+        main(
+            [
+                "bench",
+                "train",
+                "--json",
+                "--steps",
+                "1",
+                "--warmup",
+                "0",
+                "--batch-size",
+                "1",
+                "--seq-len",
+                "32",
+            ]
+        )
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out.strip())
+    for key in ("bf16_peak_flops", "baseline_tokens_per_s", "t1_tokens_per_s", "default_tokens_per_s"):
+        assert report[key] > 0
+    assert report["speedup_t1"] == pytest.approx(report["t1_tokens_per_s"] / report["baseline_tokens_per_s"])
+    assert report["mfu_t1"] > 0 and report["mfu_default"] > 0
+    # The default model really runs t_train steps, so its FLOPs per token exceed one step's.
+    assert report["default_flops_per_token"] > 2 * report["t1_flops_per_token"]
+
+
+def test_flops_count_the_steps_and_parts_that_really_run():
+    preset = get_preset("tiny")
+    one_step = CognateModel(preset.replace(t_train=1, grad_steps=1, act_enabled=False, mem_enabled=False))
+    cfg = one_step.cfg
+    per_layer = 4 * cfg.d_model**2 + 3 * cfg.d_model * cfg.ffn_hidden
+    attention = 2 * 2 * cfg.n_layers * cfg.d_model * 256 / 2
+    forward = 2 * (cfg.n_layers * per_layer + cfg.vocab_size * cfg.d_model) + attention
+    assert flops_per_token(one_step, 256) == 3 * forward
+
+    # Two extra steps under no_grad cost one forward of the core each; memory off below mem_min_seq_len.
+    recursive = CognateModel(preset.replace(t_train=3, grad_steps=1, act_enabled=False))
+    short = preset.mem_min_seq_len - 1
+    core = 2 * cfg.n_layers * per_layer + 2 * 2 * cfg.n_layers * cfg.d_model * short / 2
+    head = 2 * cfg.vocab_size * cfg.d_model
+    assert flops_per_token(recursive, short) == pytest.approx(3 * (core + head) + 2 * core)
+    # Long enough for memory: its projections and the head (for surprise) run on every step.
+    assert flops_per_token(recursive, preset.mem_min_seq_len) > flops_per_token(recursive, short) + 2 * head
