@@ -11,11 +11,12 @@ chunk's logits are alive at a time; the matmuls run in the autocast dtype and th
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from cognate.model.kernels import compiled_where_available
 
 IGNORE_INDEX = -100
 # Rows per chunk: 256 rows of a 32,000-token vocabulary are 16 MB of bf16 logits, small enough to stay in cache
@@ -103,29 +104,6 @@ def _forward(hidden: Tensor, weight: Tensor, targets: Tensor, labels: Tensor | N
     return loss_sum, correct, label_ce, grad_hidden, grad_weight
 
 
-class _CompiledWhereAvailable:
-    """`torch.compile(fn)`, falling back to eager `fn` (with one warning) where compilation is not possible.
-
-    The two kernels below are elementwise work over a chunk's logits; compiled, each is one or two passes over
-    memory instead of the five to eight of eager PyTorch (measured 19x and 8x faster on CPU). Compilation needs a
-    C++ compiler on CPU and Triton on GPU; without them training still works, just slower.
-    """
-
-    def __init__(self, fn):
-        self.eager = fn
-        self.compiled = torch.compile(fn, dynamic=None)
-        self.usable = True
-
-    def __call__(self, *args):
-        if self.usable:
-            try:
-                return self.compiled(*args)
-            except Exception as error:  # any compiler failure means: run eagerly
-                self.usable = False
-                warnings.warn(f"fused LM head runs uncompiled (slower): {error}", stacklevel=2)
-        return self.eager(*args)
-
-
 def _statistics(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per row, in fp32: log-sum-exp, the target's logit, the maximum logit."""
     x = logits.float()
@@ -141,5 +119,5 @@ def _gradient(logits: Tensor, log_z: Tensor, target: Tensor, valid: Tensor) -> T
     return ((x - log_z[:, None]).exp() - one_hot.float()).mul(valid[:, None]).to(logits.dtype)
 
 
-_chunk_statistics = _CompiledWhereAvailable(_statistics)
-_chunk_gradient = _CompiledWhereAvailable(_gradient)
+_chunk_statistics = compiled_where_available(_statistics)
+_chunk_gradient = compiled_where_available(_gradient)
