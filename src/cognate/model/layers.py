@@ -62,68 +62,29 @@ class Rotary:
 # --- attention --------------------------------------------------------------------------------------------------
 
 
-# Up to this many positions, CPU attention in bf16 materialises the [S, S] probabilities (see MaterializedAttention).
-MATERIALIZED_ATTENTION_MAX_LEN = 1024
+# CPU attention in bf16 materialises the probabilities (see MaterializedAttention) when a query sees at most this
+# many keys: full causal attention up to this length, and every sliding window up to it.
+MATERIALIZED_ATTENTION_MAX_KEYS = 1280
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None, dropout_p: float = 0.0) -> Tensor:
     """Causal attention over [B, H, S, hd]; query i sees keys j with i - window < j <= i (all j <= i if None)."""
     if window is None or q.size(-2) <= window:
-        if _materialize(q, dropout_p):
-            return MaterializedAttention.apply(q, k, v)
+        seq = q.size(-2)
+        if _materialize(q, seq, dropout_p):
+            causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
+            return MaterializedAttention.apply(q, k, v, causal)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
     return _sliding_window_attention(q, k, v, window, dropout_p)
 
 
-def _materialize(q: Tensor, dropout_p: float) -> bool:
+def _materialize(q: Tensor, n_keys: int, dropout_p: float) -> bool:
     return (
         q.device.type == "cpu"
         and q.dtype in (torch.bfloat16, torch.float16)
         and dropout_p == 0.0
-        and q.size(-2) <= MATERIALIZED_ATTENTION_MAX_LEN
+        and n_keys <= MATERIALIZED_ATTENTION_MAX_KEYS
     )
-
-
-class MaterializedAttention(torch.autograd.Function):
-    """Causal attention as two bf16 batched matmuls around one fused softmax kernel, for short sequences on CPU.
-
-    PyTorch's CPU flash-attention kernel runs at ~20-70 GFLOP/s with this model's small heads (head_dim 32-54),
-    where a bf16 batched matmul runs at ~300 per core: measured forward + backward at [8, 4, 512, 32] in bf16 on one
-    core, 84 ms flash vs 29 ms here. Up to MATERIALIZED_ATTENTION_MAX_LEN positions the [S, S] probabilities
-    (kept in bf16 for backward, as autocast would keep them) are small; beyond it the flash kernel's O(S) memory wins.
-    """
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        scale = q.size(-1) ** -0.5
-        probs = _causal_softmax(q @ k.transpose(-1, -2), scale)
-        ctx.save_for_backward(q, k, v, probs)
-        ctx.scale = scale
-        return probs @ v
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        q, k, v, probs = ctx.saved_tensors
-        grad_scores = _causal_softmax_backward(probs, grad_out @ v.transpose(-1, -2), ctx.scale)
-        return grad_scores @ k, grad_scores.transpose(-1, -2) @ q, probs.transpose(-1, -2) @ grad_out
-
-
-def _causal_softmax_eager(scores: Tensor, scale: float) -> Tensor:
-    """softmax(scale · scores) over keys j <= i, in fp32, returned in the scores' dtype."""
-    query = torch.arange(scores.size(-2), device=scores.device)[:, None]
-    key = torch.arange(scores.size(-1), device=scores.device)[None, :]
-    masked = (scores.float() * scale).masked_fill(key > query, float("-inf"))
-    return torch.softmax(masked, dim=-1).to(scores.dtype)
-
-
-def _causal_softmax_backward_eager(probs: Tensor, grad_probs: Tensor, scale: float) -> Tensor:
-    """d(loss)/d(scores) from the softmax's output and the gradient at it (masked entries have probs 0)."""
-    p, dp = probs.float(), grad_probs.float()
-    return (p * (dp - (p * dp).sum(-1, keepdim=True)) * scale).to(probs.dtype)
-
-
-_causal_softmax = compiled_where_available(_causal_softmax_eager)
-_causal_softmax_backward = compiled_where_available(_causal_softmax_backward_eager)
 
 
 def _sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, dropout_p: float) -> Tensor:
@@ -153,9 +114,54 @@ def _sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, drop
     key = torch.arange(span, device=q.device)[None, :]  # position j·block - window + key
     block_start = torch.arange(n_blocks, device=q.device)[:, None, None] * block
     mask = (key > query) & (key <= query + window) & (key >= window - block_start)
-    # A 4-D mask [1, n_blocks, block, span] keeps SDPA on its fused CPU/GPU kernels (a 3-D one falls back to math).
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None], dropout_p=dropout_p)
+    if _materialize(q, span, dropout_p):
+        out = MaterializedAttention.apply(q, k, v, mask)
+    else:
+        # A 4-D mask [1, n_blocks, block, span] keeps SDPA on its fused kernels (a 3-D one falls back to math).
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None], dropout_p=dropout_p)
     return out.reshape(batch, heads, n_blocks * block, head_dim)[:, :, :seq]
+
+
+class MaterializedAttention(torch.autograd.Function):
+    """Masked attention as two bf16 batched matmuls around one fused softmax kernel, for short key spans on CPU.
+
+    PyTorch's CPU flash-attention kernel runs at ~20-70 GFLOP/s with this model's small heads (head_dim 32-54),
+    where a bf16 batched matmul runs at ~300 per core: measured forward + backward at [8, 4, 512, 32] in bf16 on one
+    core, 84 ms flash vs 29 ms here. While a query sees at most MATERIALIZED_ATTENTION_MAX_KEYS keys, the
+    probabilities (kept in bf16 for backward, as autocast would keep them) stay small; beyond that the flash
+    kernel's O(S) memory wins. `allowed` is a boolean mask broadcastable to the scores [..., queries, keys]; every
+    query must be allowed at least one key (its own position, in causal attention).
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
+        scale = q.size(-1) ** -0.5
+        probs = _masked_softmax(q @ k.transpose(-1, -2), allowed, scale)
+        ctx.save_for_backward(q, k, v, probs)
+        ctx.scale = scale
+        return probs @ v
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, probs = ctx.saved_tensors
+        grad_scores = _masked_softmax_backward(probs, grad_out @ v.transpose(-1, -2), ctx.scale)
+        return grad_scores @ k, grad_scores.transpose(-1, -2) @ q, probs.transpose(-1, -2) @ grad_out, None
+
+
+def _masked_softmax_eager(scores: Tensor, allowed: Tensor, scale: float) -> Tensor:
+    """softmax(scale · scores) over the allowed keys, in fp32, returned in the scores' dtype."""
+    masked = (scores.float() * scale).masked_fill(~allowed, float("-inf"))
+    return torch.softmax(masked, dim=-1).to(scores.dtype)
+
+
+def _masked_softmax_backward_eager(probs: Tensor, grad_probs: Tensor, scale: float) -> Tensor:
+    """d(loss)/d(scores) from the softmax's output and the gradient at it (masked entries have probs 0)."""
+    p, dp = probs.float(), grad_probs.float()
+    return (p * (dp - (p * dp).sum(-1, keepdim=True)) * scale).to(probs.dtype)
+
+
+_masked_softmax = compiled_where_available(_masked_softmax_eager)
+_masked_softmax_backward = compiled_where_available(_masked_softmax_backward_eager)
 
 
 @dataclass

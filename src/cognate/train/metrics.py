@@ -57,8 +57,7 @@ class MetricsLog:
     ):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
-        self.rows = _rows_up_to(self.path, resume_step)  # a killed run may have logged past its checkpoint
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        self.rows = truncate_after_step(self.path, resume_step)
         self._file = self.path.open("a")
         interactive = sys.stderr.isatty() if progress is None else progress
         self._bar = (
@@ -100,11 +99,17 @@ class MetricsLog:
         plot_curves(self.rows, self.run_dir / "curves.png")
 
 
-def _rows_up_to(path: Path, step: int) -> list[dict]:
-    if not path.exists() or step == 0:
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("step", 0) <= step]
+def truncate_after_step(path: Path, step: int) -> list[dict]:
+    """Rewrite a JSON-lines log keeping its rows up to `step`, and return them.
+
+    A killed run may have logged past its last checkpoint; the resumed run logs those steps again.
+    """
+    rows = []
+    if path.exists() and step > 0:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if r.get("step", 0) <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
 
 
 def _tensorboard_writer(run_dir: Path):

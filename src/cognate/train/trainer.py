@@ -22,7 +22,7 @@ from cognate.train import checkpoint
 from cognate.train.config import TrainConfig
 from cognate.train.data import TrainingData
 from cognate.train.distributed import Distributed
-from cognate.train.metrics import MetricsLog, format_duration
+from cognate.train.metrics import MetricsLog, format_duration, truncate_after_step
 from cognate.train.optimizer import build_optimizer
 from cognate.train.schedule import lr_multiplier
 from cognate.train.throughput import flops_per_token, measure_matmul_flops
@@ -30,6 +30,7 @@ from cognate.train.throughput import flops_per_token, measure_matmul_flops
 CHECKPOINT = "checkpoint.pt"
 BEST_MODEL = "best_model.pt"
 RUN_CONFIG = "run_config.json"
+SAMPLES = "samples.jsonl"
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -112,6 +113,8 @@ def train(
     progress = Progress()
     if resume and (run_dir / CHECKPOINT).exists():
         progress = _restore(run_dir / CHECKPOINT, model, optimizer, data, dist)
+        if dist.is_main and (run_dir / SAMPLES).exists():
+            truncate_after_step(run_dir / SAMPLES, progress.step)
     # Memory and halting parameters sit idle on short inputs, so some steps leave them without gradients.
     ddp_model = DistributedDataParallel(model, find_unused_parameters=True) if dist.enabled else model
     forward = torch.compile(ddp_model) if config.compile else ddp_model
@@ -187,7 +190,7 @@ def train(
                 row.update(validate(model, data, config.eval_batches, autocast, dist))
                 _early_stopping(progress, row["val_loss"], config, model, run_dir, dist)
                 if dist.is_main and config.sample_prompts:
-                    _write_samples(model, tokenizer, config, progress.step, run_dir / "samples.jsonl")
+                    _write_samples(model, tokenizer, config, progress.step, run_dir / SAMPLES)
             if row is not None and log is not None:
                 log.log(row)
             out_of_time = config.max_minutes is not None and (
