@@ -39,9 +39,11 @@ def newton_schulz(matrices: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> 
     if tall:  # iterate on the smaller Gram matrix
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # Frobenius norm >= spectral norm, so ||x||_2 <= 1
-    for _ in range(steps):
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+    batched = x.reshape(-1, *x.shape[-2:])
+    for _ in range(steps):  # x <- a·x + (b·G + c·G²)·x with G = x·xᵀ, the scalings fused into the matmuls
+        gram = batched @ batched.mT
+        batched = torch.baddbmm(batched, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), batched, beta=a)
+    x = batched.view(x.shape)
     return x.mT if tall else x
 
 
