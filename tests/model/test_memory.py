@@ -236,6 +236,20 @@ def test_read_loss_teaches_the_query_to_find_the_source_of_what_comes_next():
     assert source_accuracy() > 0.85
 
 
+def test_reads_choose_slots_by_content_not_by_strength():
+    memory, _ = make_memory(mem_capacity=2, mem_topk=1, mem_decay=1.0)
+    states = torch.randn(1, 1, D_MODEL).expand(1, 4, D_MODEL)  # one chunk: it reads only the carried slots
+    with torch.no_grad():
+        query = memory.query(memory.norm(states[:, 0]))[0]
+    prior = memory.empty_state(1, 1, states.device, states.dtype)
+    prior.keys[0, 0, 0], prior.strength[0, 0, 0] = -query, 1.0  # strong, but points away from the query
+    prior.keys[0, 0, 1], prior.strength[0, 0, 1] = query, 1e-12  # nearly forgotten, matches the query
+    with torch.no_grad():
+        bank = memory.build(1, states, None, prior)
+    assert bank.visible[0, :, :2].all()  # the two carried slots (the chunk's own slot comes after)
+    assert torch.isinf(bank.read_bias[0, :, 0]).all() and torch.isfinite(bank.read_bias[0, :, 1]).all()
+
+
 def test_no_bank_and_empty_bank_read_nothing():
     memory, reader = make_memory()
     x = torch.randn(2, 3, D_MODEL)

@@ -15,10 +15,11 @@ change order once both exist: "keep the `mem_capacity` strongest" is one fixed r
 back, and the slots alive when chunk c reads are the top-capacity by that ranking among slots from chunks < c.
 A cumulative count over the ranking gives the visibility of every slot to every query chunk, [B, n_chunks, n_slots].
 
-Read. Each token scores the slots visible to its chunk (cosine of a read query made from its own h_{t-1} with the
-slot keys, plus the slot's log strength) and keeps the top `mem_topk`. Every block then cross-attends to the kept
-slots with its own q/k/v/o projections, with the selection's log-probabilities added to its attention logits, and a
-learned gate (memory-as-gate, MAG) mixes the read into the residual stream.
+Read. Each token scores the slots visible to its chunk by content alone (cosine of a read query made from its own
+h_{t-1} with the slot keys) and keeps the top `mem_topk`. Strength decides which slots are alive, not which are
+read: it is a write-time salience estimate, and as a log prior it swamped the bounded cosine logits. Every block
+then cross-attends to the kept slots with its own q/k/v/o projections, with the selection's log-probabilities added
+to its attention logits, and a learned gate (memory-as-gate, MAG) mixes the read into the residual stream.
 
 Losses (both bounded, both with gradients to the memory's parameters):
   L_read  InfoNCE over the visible slots, on the cosine logits of the read queries. A token's positive is the
@@ -212,7 +213,7 @@ class LongTermMemory(nn.Module):
         token_chunk = torch.arange(n_pending, n_pending + seq_len, device=keys.device) // c.mem_chunk_size
         visible = visible_chunk[:, token_chunk]  # [B, S, n_slots]
 
-        retrieval, read_bias, reads = self._select(normed[:, n_pending:], keys, rank_key, visible)
+        retrieval, read_bias, reads = self._select(normed[:, n_pending:], keys, visible)
         positive = self._positives(normed[:, n_pending:], values, visible)
         kept = written[:, n_prior:] & (
             torch.diagonal(count_stronger[:, n_prior + 1 :, n_prior:], dim1=1, dim2=2) < c.mem_capacity
@@ -244,15 +245,17 @@ class LongTermMemory(nn.Module):
         summary = torch.einsum("bnl,bnld->bnd", weights, chunks)
         return self.key(summary), self.value(summary), self.write_gate(summary).squeeze(-1)
 
-    def _select(
-        self, normed: Tensor, keys: Tensor, rank_key: Tensor, visible: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Each token's top-k visible slots: (cosine logits, log read-probabilities or -inf, reads mask)."""
+    def _select(self, normed: Tensor, keys: Tensor, visible: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Each token's top-k visible slots by content: (cosine logits, log read-probabilities, reads mask).
+
+        Strength is deliberately left out of the score. Its log (surprise x novelty x gate) spans ~10 nats between
+        slots, mostly from novelty between similar keys, against cosine logits bounded by 1 / temperature: as a
+        prior it decided which slots were read and kept the source out of the top-k (docs/memory.md, "Evidence").
+        Strength already acts through eviction.
+        """
         query = F.normalize(self.query(normed).float(), dim=-1)
         retrieval = query @ F.normalize(keys.float(), dim=-1).transpose(1, 2) / RETRIEVAL_TEMPERATURE
-        # Slot strength enters as a log prior; rank_key is log strength up to a constant per query chunk, which the
-        # softmax over one token's slots ignores.
-        score = (retrieval + rank_key[:, None, :]).masked_fill(~visible, float("-inf"))
+        score = retrieval.masked_fill(~visible, float("-inf"))
         k = min(self.cfg.mem_topk, keys.shape[1])
         top_score, top_index = score.topk(k, dim=-1)
         selected = torch.full_like(score, float("-inf")).scatter(-1, top_index, top_score)

@@ -262,7 +262,7 @@ class CognateModel(nn.Module):
     ) -> CognateOutput:
         cfg = self.cfg
         if loss_banks:
-            losses["read"], losses["write"] = self.memory.losses(loss_banks)
+            losses["read"], losses["write"] = self.memory.losses(loss_banks, valid)
         else:
             losses["read"] = losses["write"] = _zero(losses["ref"])
         total = None
