@@ -105,3 +105,19 @@ def test_training_loss_and_gradients_match_the_plain_head(memory_on):
     assert fused_grads.keys() == plain_grads.keys()
     for name, grad in plain_grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(("act_enabled", "memory_on"), [(False, False), (True, False), (True, True)])
+def test_evaluation_loss_is_the_cross_entropy_of_the_returned_logits(act_enabled, memory_on):
+    """In evaluation (per-token halting) the fused L_ref equals F.cross_entropy on the logits returned without
+    targets: each token scored at its own halting step, whichever parts score the steps."""
+    model = small_model(act_enabled=act_enabled, mem_enabled=memory_on).eval()
+    tokens = random_tokens(2, 21)
+    targets = torch.roll(tokens, -1, 1)
+    targets[:, -1] = IGNORE_INDEX
+    with torch.no_grad():
+        fused = model(tokens, targets=targets)
+        logits = model(tokens).logits
+    plain = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    assert fused.logits is None
+    torch.testing.assert_close(fused.losses["ref"], plain, rtol=1e-5, atol=1e-6)

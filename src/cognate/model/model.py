@@ -37,8 +37,8 @@ from cognate.model.memory import LongTermMemory, MemoryBank, MemoryState
 class CognateOutput:
     loss: Tensor | None  # L_ref + w_act·L_act + w_read·L_read + w_write·L_write; None without targets
     losses: dict[str, Tensor]  # ref, act, read, write (0 when that part is off or there is nothing to score)
-    # [B, S, V] final logits (in evaluation: each token's logits at its halting step). None when training with
-    # targets: the fused head computes the loss without materialising them.
+    # [B, S, V] final logits (in evaluation: each token's logits at its halting step). None when targets are given:
+    # the fused head computes the loss without materialising them.
     logits: Tensor | None
     act: dict[str, Tensor]  # steps [B, S] (halting step per token), mean_steps, var_steps, mean_halt_prob
     memory: dict[str, Tensor]  # the memory's statistics for this call (empty when memory is off)
@@ -97,7 +97,6 @@ class CognateModel(nn.Module):
         first_grad_step = n_steps - min(cfg.grad_steps, n_steps) + 1
         fused = targets is not None  # the loss without materialising logits (see cognate.model.head)
         surprise_labels = next_token_labels(input_ids) if fused and memory_on else None
-        flat_targets = targets.flatten() if fused else None
         n_valid = (targets != IGNORE_INDEX).sum().clamp_min(1) if fused else None
         h, surprise, logits = e, None, None
         banks: list[MemoryBank] = []
@@ -111,9 +110,7 @@ class CognateModel(nn.Module):
                 normed = self.norm(h)
                 halt_logit = self.halting(normed) if cfg.act_enabled else None
                 if fused and needs_head:
-                    head = fused_linear_cross_entropy(
-                        normed.flatten(0, 1), self.lm_head.weight, flat_targets, surprise_labels
-                    )
+                    head = self._head_loss(normed, targets, surprise_labels)
                 elif needs_head:
                     logits = self.lm_head(normed)
             if bank is not None:
@@ -153,10 +150,16 @@ class CognateModel(nn.Module):
         n_steps: int,
         decode: DecodeState | None = None,
     ) -> CognateOutput:
-        """Evaluation with per-token halting; with `decode`, the incremental form generation uses."""
+        """Evaluation with per-token halting; with `decode`, the incremental form generation uses.
+
+        With targets the fused head scores each step (as in training) and no logits are materialised: the final
+        states of halted tokens are frozen, so the last step's CE is each token's CE at its halting step.
+        """
         cfg = self.cfg
         e, rotary = self._embed(input_ids, start=decode.position if decode else 0)
-        h, surprise = e, None
+        fused = targets is not None
+        surprise_labels = next_token_labels(input_ids) if fused and memory_on else None
+        h, surprise, logits, head = e, None, None, None
         halted = torch.zeros_like(input_ids, dtype=torch.bool)
         banks: list[MemoryBank] = []
         halt_logits, correct, halt_probs, last_logits = [], [], [], []
@@ -165,19 +168,24 @@ class CognateModel(nn.Module):
             caches = decode.caches[step - 1] if decode else None
             h = torch.where(halted[..., None], h, self._core(h + e, rotary, bank, caches))
             normed = self.norm(h)
-            needs_logits = bank is not None or targets is not None or step == n_steps
-            logits = self.lm_head(normed) if needs_logits else None
+            if fused and (bank is not None or cfg.act_enabled):
+                head = self._head_loss(normed, targets, surprise_labels)
+            elif not fused and (bank is not None or step == n_steps):
+                logits = self.lm_head(normed)
             if bank is not None:
                 banks.append(bank)
-                previous = decode.last_logits[step - 1] if decode and decode.last_logits else None
-                surprise = token_surprise(logits, input_ids, previous)
-                last_logits.append(logits[:, -1])
+                if fused:
+                    surprise = _surprise_from_label_ce(head.label_ce.view_as(input_ids))
+                else:
+                    previous = decode.last_logits[step - 1] if decode and decode.last_logits else None
+                    surprise = token_surprise(logits, input_ids, previous)
+                    last_logits.append(logits[:, -1])
             if cfg.act_enabled:
                 halt_logit = self.halting(normed)
                 halt_probs.append(torch.sigmoid(halt_logit))
-                if targets is not None:
+                if fused:
                     halt_logits.append(halt_logit)
-                    correct.append(logits.argmax(-1) == targets)
+                    correct.append(head.correct.view_as(targets))
                 halted |= halt_probs[-1] > cfg.act_threshold
             if halted.all() and not memory_on and decode is None:
                 break  # nothing left to refine; with memory every step's bank is still needed for the next call
@@ -187,13 +195,15 @@ class CognateModel(nn.Module):
             if halt_probs
             else torch.full_like(input_ids, n_steps)
         )
-        if logits is None:  # stopped early: read out the (frozen) final states
+        if fused and head is None:  # neither halting nor memory scored the steps: score the final states
+            head = self._head_loss(normed, targets, None)
+        if not fused and logits is None:  # stopped early: read out the (frozen) final states
             logits = self.lm_head(normed)
         if decode is not None:
             decode.position += input_ids.size(1)
             decode.last_logits = last_logits
         losses = {
-            "ref": _cross_entropy(logits, targets) if targets is not None else _zero(e),
+            "ref": head.loss_sum / valid.sum().clamp_min(1) if fused else _zero(e),
             "act": act_loss(halt_logits, correct, valid, cfg) if halt_logits else _zero(e),
         }
         return self._output(logits, losses, targets, steps, halt_probs, valid, banks, banks)
@@ -232,6 +242,12 @@ class CognateModel(nn.Module):
         positions = torch.arange(start, start + input_ids.size(1), device=input_ids.device)
         rotary = Rotary.for_positions(positions, self.cfg.head_dim, self.cfg.rope_theta)
         return self.embed_tokens(input_ids) * self.embed_scale, rotary
+
+    def _head_loss(self, normed: Tensor, targets: Tensor, surprise_labels: Tensor | None):
+        """The fused LM head + CE over [B, S] states (see cognate.model.head)."""
+        return fused_linear_cross_entropy(
+            normed.flatten(0, 1), self.lm_head.weight, targets.flatten(), surprise_labels
+        )
 
     def _core(
         self, x: Tensor, rotary: Rotary, bank: MemoryBank | None, caches: list[KVCache] | None = None
@@ -304,14 +320,6 @@ def next_token_labels(input_ids: Tensor) -> Tensor:
 def _surprise_from_label_ce(label_ce: Tensor) -> Tensor:
     """`token_surprise` from the fused head's CE against `next_token_labels`: shifted one position right."""
     return F.pad(label_ce[:, :-1], (1, 0), value=float("nan"))
-
-
-def _cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean CE over the valid targets (0, not NaN, when a batch has none)."""
-    total = F.cross_entropy(
-        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return total / (targets != IGNORE_INDEX).sum().clamp_min(1)
 
 
 def _valid(input_ids: Tensor, targets: Tensor | None) -> Tensor:
