@@ -6,6 +6,7 @@ figure, so a CPU run and a GPU run are judged by the same rule.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -14,13 +15,18 @@ from torch import nn
 from cognate.model.model import CognateModel
 
 
+@functools.cache
 def measure_matmul_flops(
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
     size: int = 2048,
     min_seconds: float = 0.5,
 ) -> float:
-    """Sustained FLOP/s of a square matmul in `dtype`, best of repeated timings."""
+    """Sustained FLOP/s of a square matmul in `dtype`, best of repeated timings.
+
+    Measured once per process and argument set: the later runs of one process (the seeds of `cognate pretrain`)
+    start while background threads (compilation workers) may still be busy, which would understate the peak.
+    """
     device = torch.device(device)
     generator = torch.Generator(device).manual_seed(
         0
