@@ -24,6 +24,7 @@ from torch import Tensor
 
 from cognate.model.config import get_preset
 from cognate.model.model import CognateModel
+from cognate.train.throughput import synchronize
 from cognate.train.trainer import autocast_for
 
 WARMUP_TOKENS = 2  # untimed tokens per arm first: allocations, kernel selection, the library's lazy imports
@@ -34,10 +35,10 @@ def timed_generation(generate, device: torch.device, repeats: int) -> tuple[Tens
     generate(warmup=True)
     seconds = []
     for _ in range(repeats):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         out = generate(warmup=False)
-        _synchronize(device)
+        synchronize(device)
         seconds.append(time.perf_counter() - start)
     return out, sorted(seconds)[len(seconds) // 2]
 
@@ -177,11 +178,6 @@ def _transformers_version() -> str:
     import transformers
 
     return transformers.__version__
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _positive(text: str) -> int:

@@ -10,7 +10,6 @@ the ratio of the longest length's seconds per token to the shortest's.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import time
 
@@ -18,6 +17,8 @@ import torch
 
 from cognate.model.config import get_preset
 from cognate.model.model import CognateModel
+from cognate.train.throughput import synchronize
+from cognate.train.trainer import autocast_for
 
 
 def time_training_step(
@@ -30,21 +31,16 @@ def time_training_step(
     targets = torch.roll(input_ids, -1, dims=1)
     times = []
     for i in range(warmup + repeats):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         with autocast():
             loss = model(input_ids, targets).loss
         loss.backward()
-        _synchronize(device)
+        synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
         model.zero_grad(set_to_none=True)
     return sorted(times)[len(times) // 2]
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,10 +70,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = get_preset(args.preset)
     cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, *lengths))
     model = CognateModel(cfg).to(args.device).train()
-    device_type = torch.device(args.device).type
-    autocast = (
-        (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
-    )
+    autocast = autocast_for(torch.device(args.device), args.bf16)
     seconds_per_token = {}
     for length in lengths:
         batch = args.tokens_per_step // length

@@ -26,7 +26,7 @@ from cognate.model.config import get_preset
 from cognate.model.model import CognateModel
 from cognate.train.config import TrainConfig
 from cognate.train.optimizer import build_optimizer
-from cognate.train.throughput import flops_per_token, measure_matmul_flops
+from cognate.train.throughput import flops_per_token, measure_matmul_flops, synchronize
 from cognate.train.trainer import autocast_for
 
 DEFAULT_BASELINE = Path(__file__).resolve().parents[3] / "benchmarks" / "plain_gpt.py"
@@ -49,12 +49,12 @@ def time_updates(update, batches, warmup: int, steps: int, device: torch.device)
     """Seconds per update over `steps` timed updates after `warmup` untimed ones; peak memory while timed."""
     for i in range(warmup):
         update(*batches[i % len(batches)])
-    _synchronize(device)
+    synchronize(device)
     _reset_peak_memory(device)
     start = time.perf_counter()
     for i in range(steps):
         update(*batches[i % len(batches)])
-    _synchronize(device)
+    synchronize(device)
     seconds = (time.perf_counter() - start) / steps
     tokens = batches[0][0].numel()
     return {
@@ -136,11 +136,6 @@ def measure(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
     }
     return report
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _reset_peak_memory(device: torch.device) -> None:

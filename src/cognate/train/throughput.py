@@ -33,17 +33,22 @@ def measure_matmul_flops(
     )  # leaves the global RNG, and so exact resume, untouched
     a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
     b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a @ b  # warm-up: kernel selection, lazy initialisation
-    sync()
+    synchronize(device)
     best, elapsed_total = float("inf"), 0.0
     while elapsed_total < min_seconds:
         start = time.perf_counter()
         a @ b
-        sync()
+        synchronize(device)
         elapsed = time.perf_counter() - start
         best, elapsed_total = min(best, elapsed), elapsed_total + elapsed
     return 2 * size**3 / best
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timings cover it; a no-op on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def matmul_params(*modules: nn.Module) -> int:
