@@ -97,7 +97,8 @@ class CognateModel(nn.Module):
         first_grad_step = n_steps - min(cfg.grad_steps, n_steps) + 1
         fused = targets is not None  # the loss without materialising logits (see cognate.model.head)
         surprise_labels = next_token_labels(input_ids) if fused and memory_on else None
-        n_valid = (targets != IGNORE_INDEX).sum().clamp_min(1) if fused else None
+        valid = _valid(input_ids, targets)
+        n_valid = valid.sum().clamp_min(1)
         h, surprise, logits = e, None, None
         banks: list[MemoryBank] = []
         ref_losses, halt_logits, correct, halt_probs = [], [], [], []
@@ -127,7 +128,6 @@ class CognateModel(nn.Module):
                 if halt_logit is not None:
                     halt_logits.append(halt_logit)
                     correct.append(head.correct.view_as(targets))
-        valid = _valid(input_ids, targets)
         steps = (
             first_halting_step(halt_probs, cfg.act_threshold)
             if halt_probs
