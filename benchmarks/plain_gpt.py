@@ -2,8 +2,9 @@
 
 Written the way most people would write it (after Karpathy's nanoGPT `model.py`): learned positions, pre-LayerNorm
 blocks, causal `scaled_dot_product_attention`, a GELU MLP of 4x width, an untied LM head, and the loss as
-`F.cross_entropy` over the full [batch·seq, vocab] logits. Trained by `train_step` with PyTorch's AdamW under bf16
-autocast. It is deliberately not tuned: it is the yardstick the Cognate fast path is measured against.
+`F.cross_entropy` over the full [batch·seq, vocab] logits. Trained by `train_step` with PyTorch's AdamW, in fp32 or
+under bf16 autocast (nanoGPT's own choice: fp32 on a CPU, bf16 on a GPU). It is deliberately not tuned: it is the
+yardstick the Cognate fast path is measured against.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, d_model = x.shape
         q, k, v = self.c_attn(x).split(d_model, dim=2)
-        q, k, v = (t.view(batch, seq, self.n_heads, d_model // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (
+            t.view(batch, seq, self.n_heads, d_model // self.n_heads).transpose(1, 2) for t in (q, k, v)
+        )
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.c_proj(y.transpose(1, 2).contiguous().view(batch, seq, d_model))
 
@@ -96,8 +99,10 @@ def make_optimizer(model: PlainGPT) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
 
 
-def train_step(model: PlainGPT, optimizer: torch.optim.Optimizer, idx, targets, device_type: str) -> float:
-    with torch.autocast(device_type, dtype=torch.bfloat16):
+def train_step(
+    model: PlainGPT, optimizer: torch.optim.Optimizer, idx, targets, device_type: str, bf16: bool
+) -> float:
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
         loss = model(idx, targets)
     loss.backward()
     optimizer.step()

@@ -38,6 +38,7 @@ from cognate.train import checkpoint, trainer
 from cognate.train.config import TrainConfig
 from cognate.train.data import TrainingData
 from cognate.train.distributed import Distributed
+from cognate.train.precision import Precision, autocast_for, resolve_precision
 
 SEEDS = (42, 1337, 2023)
 INIT_SEED = 0
@@ -103,7 +104,8 @@ def pretrain(plan: PretrainPlan, data_dir: Path, out: Path, dist: Distributed) -
     timings["total_s"] = time.perf_counter() - start
     if dist.is_main:
         _write_registry(plan, out, succeeded, data_dir)
-        summary = _write_summary(plan, out, results, merge_check, timings, data_dir)
+        precision = resolve_precision(plan.train.bf16, dist.device)
+        summary = _write_summary(plan, out, results, merge_check, timings, data_dir, precision)
     else:
         summary = {}
     return summary
@@ -219,7 +221,7 @@ def _registry_fields(stats: dict) -> dict:
 def _evaluate(model: CognateModel, plan: PretrainPlan, data_dir: Path, dist: Distributed) -> dict:
     data = TrainingData(data_dir, batch_size=plan.train.batch_size, seed=0, dist=dist)
     model = model.to(dist.device)
-    autocast = trainer.autocast_for(dist.device, plan.train.bf16)
+    autocast = autocast_for(dist.device, resolve_precision(plan.train.bf16, dist.device).bf16)
     return trainer.validate(model, data, plan.eval_batches, autocast, dist)
 
 
@@ -296,6 +298,7 @@ def _write_summary(
     merge_check: dict | None,
     timings: dict,
     data_dir: Path,
+    precision: Precision,
 ) -> dict:
     succeeded = [r for r in results if r["succeeded"]]
     summary = {
@@ -305,6 +308,7 @@ def _write_summary(
         "models": results,
         "merge_check": merge_check,
         "timings": timings,
+        "precision": precision.to_dict(),
         "data": {"path": str(data_dir), "synthetic": _synthetic(data_dir)},
         "plan": {
             "warmup_tokens": plan.warmup_tokens,

@@ -43,9 +43,27 @@ def test_command_prints_the_figures_as_one_json_line(capsys):
     for key in ("bf16_peak_flops", "baseline_tokens_per_s", "t1_tokens_per_s", "default_tokens_per_s"):
         assert report[key] > 0
     assert report["speedup_t1"] == pytest.approx(report["t1_tokens_per_s"] / report["baseline_tokens_per_s"])
-    assert report["mfu_t1"] > 0 and report["mfu_default"] > 0
+    # The baseline runs as nanoGPT's users run it on a CPU (fp32); Cognate's arms in the precision it chose.
+    chosen = report["precision"]["precision"]
+    assert report["baseline_precision"] == "fp32"
+    assert (
+        report["baseline_chosen_precision"] == report["t1_precision"] == report["default_precision"] == chosen
+    )
+    # MFU against the peak of the precision each arm used.
+    for arm in ("baseline", "t1"):
+        peak = report[f"{report[f'{arm}_precision']}_peak_flops"]
+        expected = report[f"{arm}_tokens_per_s"] * report[f"{arm}_flops_per_token"] / peak
+        assert report[f"mfu_{arm}"] == pytest.approx(expected)
     # The default model really runs t_train steps, so its FLOPs per token exceed one step's.
     assert report["default_flops_per_token"] > 2 * report["t1_flops_per_token"]
+    # The recursion's price: the parts' FLOPs add up to the whole, and every part that runs has a time.
+    breakdown = report["default_breakdown"]
+    assert set(breakdown) == {"grad_step_blocks", "no_grad_step_blocks", "halting", "memory", "lm_head"}
+    assert sum(p["flops_per_token"] for p in breakdown.values()) == pytest.approx(
+        report["default_flops_per_token"]
+    )
+    assert breakdown["memory"] == {"flops_per_token": 0.0, "seconds_per_token": 0.0}  # off at 32 tokens
+    assert breakdown["lm_head"]["seconds_per_token"] > 0
 
 
 def test_flops_count_the_steps_and_parts_that_really_run():

@@ -261,3 +261,28 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(dat
 
 def _single() -> Distributed:
     return Distributed(rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def test_auto_precision_is_measured_recorded_and_kept_by_a_resumed_run(data_dir, tmp_path, monkeypatch, capsys):
+    from cognate.train import precision
+
+    def fake_peaks(bf16_peak: float, fp32_peak: float) -> None:
+        by_dtype = {torch.bfloat16: bf16_peak, torch.float32: fp32_peak}
+        monkeypatch.setattr(precision, "measure_matmul_flops", lambda dtype, device: by_dtype[dtype])
+
+    run = tmp_path / "run"
+    config = TrainConfig(**{**TRAIN, "bf16": "auto", "max_steps": 2, "checkpoint_interval": 2})
+    fake_peaks(0.17e12, 0.33e12)  # bf16 matmuls slower than fp32: a CPU without AMX
+    summary = trainer.train(model_config(data_dir), config, data_dir, run, _single())
+    assert "precision fp32 (auto; matmul peaks bf16 0.170, fp32 0.330 TFLOP/s)" in capsys.readouterr().out
+    recorded = json.loads((run / trainer.RUN_CONFIG).read_text())["precision"]
+    assert recorded["precision"] == summary["precision"]["precision"] == "fp32"
+    assert summary["peak_flops"] == 0.33e12  # MFU against the peak of the precision in use
+
+    # Resumed on a machine where bf16 measures faster, the run continues in the precision it started with.
+    fake_peaks(0.87e12, 0.20e12)
+    resumed = trainer.train(model_config(data_dir), config, data_dir, run, _single(), resume=True)
+    assert resumed["precision"]["precision"] == "fp32" and resumed["steps"] == 2
+    # A fresh run there takes bf16.
+    fresh = trainer.train(model_config(data_dir), config, data_dir, tmp_path / "fresh", _single())
+    assert fresh["precision"]["precision"] == "bf16" and fresh["peak_flops"] == 0.87e12

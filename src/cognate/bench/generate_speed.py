@@ -24,8 +24,13 @@ from torch import Tensor
 
 from cognate.model.config import get_preset
 from cognate.model.model import CognateModel
+from cognate.train.precision import (
+    GENERATION_BF16_DEFAULT,
+    add_bf16_argument,
+    autocast_for,
+    resolve_precision,
+)
 from cognate.train.throughput import synchronize
-from cognate.train.trainer import autocast_for
 
 WARMUP_TOKENS = 2  # untimed tokens per arm first: allocations, kernel selection, the library's lazy imports
 
@@ -115,7 +120,8 @@ def measure(args: argparse.Namespace) -> dict:
         )
     generator = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(cfg.vocab_size, (args.batch_size, args.prompt_len), generator=generator).to(device)
-    autocast = autocast_for(device, args.bf16)
+    precision = resolve_precision(args.bf16, device)
+    autocast = autocast_for(device, precision.bf16)
     generated = args.batch_size * args.new_tokens
 
     def report_arm(name: str, seconds: float) -> float:
@@ -162,7 +168,8 @@ def measure(args: argparse.Namespace) -> dict:
         "new_tokens": args.new_tokens,
         "batch_size": args.batch_size,
         "decoding": "greedy",
-        "bf16": args.bf16,
+        "bf16": precision.bf16,
+        "bf16_setting": args.bf16,
         "device": str(device),
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
@@ -197,7 +204,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=_positive, default=64, help="tokens to generate (default 64)")
     parser.add_argument("--batch-size", type=_positive, default=1)
     parser.add_argument("--repeats", type=_positive, default=1, help="timed calls per arm; the median counts")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    add_bf16_argument(parser, default=GENERATION_BF16_DEFAULT)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt and of a fresh model")

@@ -2,7 +2,7 @@
 
 The three arms start from the same initialization, see the same batches in the same order under the same
 learning-rate schedule (linear warmup, cosine decay, both by tokens, as the trainer does), clip gradients at 1.0
-and run in bf16 autocast. After the same token budget each is scored on the same held-out rows with the
+and run in the precision `bf16: auto` chooses (cognate.train.precision). After the same token budget each is scored on the same held-out rows with the
 trainer's validation loss (next-token cross-entropy, model in inference mode).
 
 Data: a prepared folder (`--data`), else the curriculum's raw files (`--source-dir`, default `../shared/data`)
@@ -36,6 +36,7 @@ from cognate.model.model import CognateModel
 from cognate.optim import OPTIMIZER_KINDS, group_parameters, make_optimizer, preset
 from cognate.optim import PRESETS as OPTIMIZER_PRESETS
 from cognate.optim.grouping import describe_groups
+from cognate.train.precision import add_bf16_argument, autocast_for, resolve_precision
 from cognate.train.schedule import lr_multiplier
 
 DEFAULT_SOURCE_DIR = Path("../shared/data")
@@ -61,6 +62,7 @@ def train_arm(
     train: PackedDataset,
     batches: list[np.ndarray],
     warmup_steps: int,
+    autocast,
     clip_norm: float = 1.0,
 ) -> list[float]:
     """Train `model` in place over `batches` with one optimizer; returns its next-token losses (L_ref)."""
@@ -75,7 +77,7 @@ def train_arm(
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * multiplier
         input_ids, targets = train.batch(rows)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             out = model(input_ids, targets=targets)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
@@ -86,13 +88,13 @@ def train_arm(
 
 
 @torch.no_grad()
-def validation_loss(model: CognateModel, data: PackedDataset, rows: int, batch_size: int) -> float:
+def validation_loss(model: CognateModel, data: PackedDataset, rows: int, batch_size: int, autocast) -> float:
     """Token-weighted next-token cross-entropy over the first `rows` held-out rows, in inference mode."""
     model.eval()
     total, count = 0.0, 0
     for start in range(0, min(rows, len(data)), batch_size):
         input_ids, targets = data.batch(range(start, min(start + batch_size, rows, len(data))))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             out = model(input_ids, targets=targets)
         valid = int((targets != -100).sum())
         total += float(out.losses["ref"]) * valid
@@ -121,6 +123,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    add_bf16_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -155,18 +158,21 @@ def compare(args: argparse.Namespace, data_dir: Path) -> dict:
     warmup_steps = max(1, math.ceil(0.1 * args.steps))
     base = preset(args.preset)
     settings = base.replace(grokfast=dataclasses.replace(base.grokfast, warmup_steps=warmup_steps))
+    precision = resolve_precision(args.bf16, torch.device("cpu"))
+    autocast = autocast_for(torch.device("cpu"), precision.bf16)
     torch.manual_seed(args.seed)
     first = CognateModel(config)
     init = first.state_dict()
 
-    _warm_up(first, train, batches[0])  # one-time kernel set-up would otherwise count against the first arm
+    # One-time kernel set-up would otherwise count against the first arm.
+    _warm_up(first, train, batches[0], autocast)
     val_loss, train_loss, seconds = {}, {}, {}
     for kind in OPTIMIZER_KINDS:
         model = CognateModel(config)
         model.load_state_dict(init)
         start = time.perf_counter()
-        losses = train_arm(kind, model, settings, train, batches, warmup_steps)
-        val_loss[kind] = round(validation_loss(model, valid, args.val_rows, args.batch_size), 4)
+        losses = train_arm(kind, model, settings, train, batches, warmup_steps, autocast)
+        val_loss[kind] = round(validation_loss(model, valid, args.val_rows, args.batch_size, autocast), 4)
         train_loss[kind] = round(sum(losses[-10:]) / len(losses[-10:]), 4)
         seconds[kind] = round(time.perf_counter() - start, 1)
         _log(
@@ -189,12 +195,13 @@ def compare(args: argparse.Namespace, data_dir: Path) -> dict:
         "grokfast": dataclasses.asdict(settings.grokfast),
         "seconds": seconds,
         "threads": torch.get_num_threads(),
+        "precision": precision.to_dict(),
     }
 
 
-def _warm_up(model: CognateModel, data: PackedDataset, rows: np.ndarray) -> None:
+def _warm_up(model: CognateModel, data: PackedDataset, rows: np.ndarray, autocast) -> None:
     input_ids, targets = data.batch(rows)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast():
         model(input_ids, targets=targets).loss.backward()
     model.zero_grad(set_to_none=True)
 

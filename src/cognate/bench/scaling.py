@@ -17,8 +17,8 @@ import torch
 
 from cognate.model.config import get_preset
 from cognate.model.model import CognateModel
+from cognate.train.precision import add_bf16_argument, autocast_for, resolve_precision
 from cognate.train.throughput import synchronize
-from cognate.train.trainer import autocast_for
 
 
 def time_training_step(
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per length")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    add_bf16_argument(parser)
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = get_preset(args.preset)
     cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, *lengths))
     model = CognateModel(cfg).to(args.device).train()
-    autocast = autocast_for(torch.device(args.device), args.bf16)
+    precision = resolve_precision(args.bf16, torch.device(args.device))
+    autocast = autocast_for(torch.device(args.device), precision.bf16)
     seconds_per_token = {}
     for length in lengths:
         batch = args.tokens_per_step // length
@@ -90,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         "tokens_per_step": args.tokens_per_step,
         "repeats": args.repeats,
         "device": args.device,
-        "bf16": args.bf16,
+        "bf16": precision.bf16,
+        "bf16_setting": args.bf16,
         "threads": torch.get_num_threads(),
     }
     print(json.dumps(result))

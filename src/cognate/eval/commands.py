@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from cognate.train.precision import add_bf16_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -40,11 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write the report as JSON to this file, or '-' for stdout (the table then goes to stderr)",
     )
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument(
-        "--bf16",
-        action=argparse.BooleanOptionalAction,
-        help="bfloat16 autocast (default: on with cuda, off on cpu)",
-    )
+    add_bf16_argument(parser)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
 
@@ -61,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from cognate.eval.evaluate import EvalConfig, EvalError, evaluate_model_dir
+    from cognate.train.precision import resolve_precision
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
@@ -76,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             source_dir=args.source_dir,
             max_examples=args.max_examples,
             val_tokens=args.val_tokens,
-            bf16=device.type == "cuda" if args.bf16 is None else args.bf16,
+            bf16=resolve_precision(args.bf16, device).bf16,
             **caps,
         )
         report = evaluate_model_dir(args.model, config, device)

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from cognate.train.precision import GENERATION_BF16_DEFAULT, add_bf16_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -21,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampler (with --temperature > 0)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    add_bf16_argument(parser, default=GENERATION_BF16_DEFAULT)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,6 +43,7 @@ def generate_text(model_dir: Path, prompt: str, args: argparse.Namespace) -> str
 
     from cognate.data.tokenizer import encode_texts, load_tokenizer
     from cognate.export.model_dir import load_model_dir
+    from cognate.train.precision import autocast_for, resolve_precision
 
     if not (Path(model_dir) / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a model folder (no config.json)")
@@ -49,13 +53,14 @@ def generate_text(model_dir: Path, prompt: str, args: argparse.Namespace) -> str
     eos = tokenizer.eos_token_id
     ids = torch.tensor([[eos, *encode_texts(tokenizer, [prompt])[0].tolist()]], device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    out = model.generate(
-        ids,
-        args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        eos_token_id=eos,
-        generator=generator,
-    )
+    with autocast_for(device, resolve_precision(args.bf16, device).bf16)():
+        out = model.generate(
+            ids,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            eos_token_id=eos,
+            generator=generator,
+        )
     new = out[0, ids.size(1) :].tolist()
     return tokenizer.decode(new[: new.index(eos)] if eos in new else new)

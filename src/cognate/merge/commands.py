@@ -99,15 +99,16 @@ def _recipe_from_args(args: argparse.Namespace, folders: list[Path]) -> Recipe:
     )
 
 
-def validation_loss_fn(model, data_dir: Path, eval_batches: int):
+def validation_loss_fn(model, data_dir: Path, eval_batches: int, bf16: bool | str = "auto"):
     """fitness(state_dict) -> validation loss of `model` carrying those weights, on a fixed held-out subset."""
     from cognate.train.data import TrainingData
     from cognate.train.distributed import Distributed
-    from cognate.train.trainer import autocast_for, validate
+    from cognate.train.precision import autocast_for, resolve_precision
+    from cognate.train.trainer import validate
 
     dist = Distributed(rank=0, world_size=1, device=torch.device("cpu"))
     data = TrainingData(data_dir, batch_size=8, seed=0, dist=dist)
-    autocast = autocast_for(dist.device, bf16=True)
+    autocast = autocast_for(dist.device, resolve_precision(bf16, dist.device).bf16)
 
     def fitness(state_dict) -> float:
         model.load_state_dict(state_dict)

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from cognate.model.config import ConfigError
+from cognate.train.precision import validate_bf16_setting
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,9 @@ class TrainConfig:
     checkpoint_interval: int = 100
     max_nonfinite_steps: int = 5  # consecutive skipped steps (NaN/inf loss or gradient norm) before giving up
 
-    bf16: bool = True  # autocast to bfloat16 on CPU and GPU
+    # bfloat16 autocast: "auto" measures this machine's bf16 and fp32 matmul peaks and uses bf16 only where it is
+    # faster (cognate.train.precision); true / false force it.
+    bf16: bool | str = "auto"
     gradient_checkpointing: bool = False
     compile: bool = False
     # Continued greedily at each validation (samples.jsonl), to watch for collapse (the seeds' "colons").
@@ -78,6 +81,10 @@ class TrainConfig:
             )
         if self.patience <= 0:
             problems.append(f"patience={self.patience} must be positive")
+        try:
+            validate_bf16_setting(self.bf16)
+        except ConfigError as error:
+            problems.append(str(error))
         if problems:
             raise ConfigError("invalid TrainConfig: " + "; ".join(problems))
 

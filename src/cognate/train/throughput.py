@@ -61,7 +61,13 @@ def matmul_params(*modules: nn.Module) -> int:
 
 
 def flops_per_token(model: CognateModel, seq_len: int, *, training: bool = True) -> float:
-    """FLOPs per token of one forward (+ backward when training) at `seq_len`, counting only what really runs.
+    """FLOPs per token of one forward (+ backward when training) at `seq_len`, counting only what really runs."""
+    return sum(flops_breakdown(model, seq_len, training=training).values())
+
+
+def flops_breakdown(model: CognateModel, seq_len: int, *, training: bool = True) -> dict[str, float]:
+    """FLOPs per token by what runs: the blocks of the steps with gradients and of the no_grad steps, the halting
+    head, the memory and the LM head (each summed over the steps it runs on).
 
     Every refinement step runs the blocks (2 FLOPs per matmul weight, plus attention's two matmuls over the causal
     half of the visible context) and, with ACT on, the halting head. The memory (its reads in every block and the
@@ -73,14 +79,26 @@ def flops_per_token(model: CognateModel, seq_len: int, *, training: bool = True)
     memory_on = cfg.mem_enabled and seq_len >= cfg.mem_min_seq_len
     context = min(seq_len, cfg.attn_window or seq_len)
     attention = 2 * 2 * cfg.n_layers * cfg.d_model * context / 2
-    core = 2 * sum(matmul_params(block.attn, block.ffn) for block in model.layers) + attention
-    if cfg.act_enabled:
-        core += 2 * matmul_params(model.halting)
-    if memory_on:
-        core += 2 * matmul_params(model.memory, *(block.memory_read for block in model.layers))
+    blocks = 2 * sum(matmul_params(block.attn, block.ffn) for block in model.layers) + attention
+    halting = 2 * matmul_params(model.halting) if cfg.act_enabled else 0.0
+    memory = (
+        2 * matmul_params(model.memory, *(block.memory_read for block in model.layers)) if memory_on else 0.0
+    )
     head = 2 * matmul_params(model.lm_head)
     if not training:
-        return cfg.t_infer * core + head
+        steps = cfg.t_infer
+        return {
+            "blocks": steps * blocks,
+            "halting": steps * halting,
+            "memory": steps * memory,
+            "lm_head": head,
+        }
     grad_steps = min(cfg.grad_steps, cfg.t_train)
     no_grad_steps = cfg.t_train - grad_steps
-    return 3 * grad_steps * (core + head) + no_grad_steps * (core + (head if memory_on else 0))
+    return {
+        "grad_step_blocks": 3 * grad_steps * blocks,
+        "no_grad_step_blocks": no_grad_steps * blocks,
+        "halting": (3 * grad_steps + no_grad_steps) * halting,
+        "memory": (3 * grad_steps + no_grad_steps) * memory,
+        "lm_head": 3 * grad_steps * head + (no_grad_steps * head if memory_on else 0.0),
+    }

@@ -24,8 +24,9 @@ from cognate.train.data import TrainingData
 from cognate.train.distributed import Distributed
 from cognate.train.metrics import MetricsLog, format_duration, truncate_after_step
 from cognate.train.optimizer import build_optimizer
+from cognate.train.precision import Precision, autocast_for, resolve_precision
 from cognate.train.schedule import lr_multiplier
-from cognate.train.throughput import flops_per_token, measure_matmul_flops
+from cognate.train.throughput import flops_per_token
 
 CHECKPOINT = "checkpoint.pt"
 BEST_MODEL = "best_model.pt"
@@ -55,16 +56,23 @@ class Progress:
     stop_reason: str | None = None
 
 
+# run_config.json entries measured on the machine rather than chosen: a resume may see other values.
+MEASURED_KEYS = frozenset({"precision"})
+
+
 def prepare_run_dir(run_dir: Path, run_config: dict, *, resume: bool, overwrite: bool) -> None:
     """Refuse to mix two different runs in one folder unless told to resume (same config) or overwrite."""
     path = run_dir / RUN_CONFIG
     run_config = json.loads(json.dumps(run_config))  # compare as stored: tuples become lists
     if path.exists() and not overwrite:
         existing = json.loads(path.read_text())
-        if existing != run_config:
-            changed = sorted(
-                k for k in set(existing) | set(run_config) if existing.get(k) != run_config.get(k)
-            )
+        # The measured precision is a fact about the machine, not the run's settings (which include bf16).
+        changed = sorted(
+            k
+            for k in set(existing) | set(run_config)
+            if k not in MEASURED_KEYS and existing.get(k) != run_config.get(k)
+        )
+        if changed:
             raise RunFolderError(
                 f"{run_dir} holds a run with a different config (differs in: {', '.join(changed)}); "
                 "pass --overwrite to replace it or choose another folder"
@@ -93,13 +101,16 @@ def train(
 ) -> dict:
     """Train one model; returns the final progress and validation figures (also written to RUN/summary.json)."""
     run_dir = Path(run_dir)
+    precision = _run_precision(config.bf16, run_dir if resume else None, dist)
     run_config = {
         "model": model_config.to_dict(),
         "train": config.to_dict(),
         "data": str(Path(data_dir).resolve()),
+        "precision": precision.to_dict(),
     }
     if dist.is_main:
         prepare_run_dir(run_dir, run_config, resume=resume, overwrite=overwrite)
+        print(precision.describe(), flush=True)
     dist.barrier()
 
     torch.manual_seed(config.seed)  # same initialisation on every rank
@@ -120,7 +131,7 @@ def train(
     forward = torch.compile(ddp_model) if config.compile else ddp_model
 
     total_steps = _total_steps(config, data.tokens_per_micro_batch)
-    peak_flops = measure_matmul_flops(torch.bfloat16 if config.bf16 else torch.float32, dist.device)
+    peak_flops = precision.peak_flops
     flops = flops_per_token(model, data.seq_lens["short"])
     log = (
         MetricsLog(
@@ -134,7 +145,7 @@ def train(
         if dist.is_main
         else None
     )
-    autocast = autocast_for(dist.device, config.bf16)
+    autocast = autocast_for(dist.device, precision.bf16)
     tokenizer = load_tokenizer(data_dir) if config.sample_prompts else None
     start_time, start_step, start_tokens = time.perf_counter(), progress.step, progress.tokens
     window = _Window()
@@ -199,11 +210,7 @@ def train(
             )
             if dist.all_true(out_of_time) and progress.stop_reason is None:
                 progress.stop_reason = "time budget reached"
-            if (
-                progress.step % config.checkpoint_interval == 0
-                or progress.stop_reason
-                or last
-            ):
+            if progress.step % config.checkpoint_interval == 0 or progress.stop_reason or last:
                 _save(run_dir, model, optimizer, data, progress, start_time, dist)
         progress.stop_reason = progress.stop_reason or (
             "token budget reached" if progress.tokens >= config.max_tokens else "step limit reached"
@@ -220,6 +227,7 @@ def train(
         "best_val_loss": progress.best_val_loss,
         "wall_time_s": progress.elapsed_s,
         "peak_flops": peak_flops,
+        "precision": precision.to_dict(),
         "flops_per_token": flops,
     }
     if dist.is_main:
@@ -238,10 +246,21 @@ def _total_steps(config: TrainConfig, tokens_per_micro_batch: int) -> int:
     return min(steps, config.max_steps) if config.max_steps is not None else steps
 
 
-def autocast_for(device: torch.device, bf16: bool):
-    if not bf16:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+def _run_precision(setting: bool | str, resume_dir: Path | None, dist: Distributed) -> Precision:
+    """The run's precision: measured for "auto", the same on every process, and kept by a resumed run.
+
+    A resumed run continues in the precision its folder records, so resuming on a busier or different machine
+    cannot switch precision halfway (exact resume). The peaks are measured anew for this process's MFU.
+    """
+    stored = resume_dir / RUN_CONFIG if resume_dir is not None else None
+    if stored is not None and stored.exists():
+        recorded = json.loads(stored.read_text()).get("precision")
+        if recorded is not None and recorded.get("setting") == setting:
+            precision = resolve_precision(recorded["bf16"], dist.device)
+            return Precision(precision.bf16, setting, precision.bf16_peak_flops, precision.fp32_peak_flops)
+    precision = resolve_precision(setting, dist.device)
+    bf16 = dist.all_true(precision.bf16)  # bf16 only where every process measured it faster
+    return Precision(bf16, setting, precision.bf16_peak_flops, precision.fp32_peak_flops)
 
 
 def _accumulate(forward, model, data: TrainingData, grad_accum: int, autocast, dist: Distributed):
