@@ -37,6 +37,7 @@ GROUPS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
             "grokfast": ("cognate.bench.grokfast", "Grokfast paper's modular-arithmetic grokking, with and without filters"),
             "train": ("cognate.bench.train_speed", "training tokens/s and MFU: plain transformer vs Cognate fast path"),
             "optim": ("cognate.bench.optim", "AdamW vs Muon+AdamW vs MuGrokfast: validation loss on the tiny model"),
+            "ablation": ("cognate.bench.ablation", "plain vs recursion vs ACT vs memory vs full, at one budget"),
             "generate": ("cognate.bench.generate_speed", "generation tokens/s: KV cache vs recompute, native vs Hugging Face export"),
         },
     ),

@@ -203,6 +203,7 @@ def train(
                 if dist.is_main and config.sample_prompts:
                     _write_samples(model, tokenizer, config, progress.step, run_dir / SAMPLES)
             if row is not None and log is not None:
+                row["elapsed_s"] = progress.elapsed_s + time.perf_counter() - start_time  # over resumes
                 log.log(row)
             out_of_time = config.max_minutes is not None and (
                 time.perf_counter() - start_time
