@@ -185,9 +185,9 @@ def _label_row(ids: list[int], eos: int, tokenizer, family: np.ndarray, answer: 
     for end in [i for i, t in enumerate(ids) if t == eos] + [len(ids)]:
         if end > start:
             text = tokenizer.decode(ids[start:end])
-            name = next(
-                (f for f, prefixes in FAMILY_PREFIXES.items() if text.lstrip().startswith(prefixes)), ""
-            )
+            # A fill-in-the-middle document starts with <fim_prefix>, then its layout's first line.
+            visible = tokenizer.decode(ids[start:end], skip_special_tokens=True).lstrip()
+            name = next((f for f, prefixes in FAMILY_PREFIXES.items() if visible.startswith(prefixes)), "")
             family[start:end] = name
             if name == "math":
                 answer[start:end] = _after_mark(ids[start:end], text, tokenizer)
