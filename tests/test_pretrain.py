@@ -122,3 +122,37 @@ def test_a_rerun_skips_finished_seeds(pretrained):
     again = pretrain(plan, data, out, dist)
     assert [m.get("skipped") for m in again["models"]] == [True, True, True]
     assert again["evomerge_ready"]
+
+
+def test_summary_table_shows_what_each_seed_learned(pretrained):
+    from cognate.pretrain import format_table
+
+    _, _, _, summary, _ = pretrained
+    for entry in summary["models"]:
+        assert 0.0 <= entry["metrics"]["heldout_synthetic_solution_accuracy"] <= 1.0
+    table = format_table(summary)
+    assert all(entry["name"] in table for entry in summary["models"])
+    assert "held-out arithmetic" in table and "merge check: plain average" in table
+
+
+class _Oracle(torch.nn.Module):
+    """Predicts the next input token exactly (shift=1) or repeats the current one (shift=0)."""
+
+    def __init__(self, vocab: int, shift: int):
+        super().__init__()
+        self.vocab, self.shift, self.weight = vocab, shift, torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids):
+        nxt = torch.roll(input_ids, -self.shift, dims=1)
+        return type("Out", (), {"logits": torch.nn.functional.one_hot(nxt, self.vocab).float()})
+
+
+def test_heldout_accuracy_scores_next_token_predictions_of_the_solution(pretrained):
+    import contextlib
+
+    from cognate.pretrain import heldout_solution_accuracy
+
+    _, data, _, _, _ = pretrained
+    vocab = json.loads((data / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+    assert heldout_solution_accuracy(_Oracle(vocab, 1), data, contextlib.nullcontext) == 1.0
+    assert heldout_solution_accuracy(_Oracle(vocab, 0), data, contextlib.nullcontext) < 0.2

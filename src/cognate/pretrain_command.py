@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cognate.pretrain import PretrainPlan, pretrain
+    from cognate.pretrain import PretrainPlan, format_table, pretrain
     from cognate.train import distributed
     from cognate.train.commands import resolve_configs
     from cognate.train.data import ensure_data, tokenizer_vocab_size
@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
                 indent=2,
             )
         )
+        print(format_table(summary))
         print(
             f"wrote {args.out}/evomerge_models.json and {args.out}/pretraining_summary.json", file=sys.stderr
         )

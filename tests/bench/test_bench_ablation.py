@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from cognate.bench.ablation import ARMS, _after_mark, arm_overrides, validation_rows
+from cognate.bench.ablation import ARMS, arm_overrides, validation_rows
 from cognate.cli import main
 from cognate.data.tokenizer import load_tokenizer
+from cognate.eval.tasks import solution_targets
 from cognate.model.config import get_preset
 
 
@@ -75,8 +76,7 @@ def test_command_trains_the_arms_and_prints_one_json_line(builtin_data, tmp_path
 def test_the_math_answer_is_what_follows_solution(builtin_data):
     tokenizer = load_tokenizer(builtin_data)
     text = "Problem: Ann has 3 pens and buys 4 more. How many pens?\nSolution:\n3 + 4 = 7\n#### 7"
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    scored = _after_mark(ids, text, tokenizer)
+    ids, scored = solution_targets(text, tokenizer)
     # Position i is scored on token i + 1: the scored targets are exactly the worked answer.
     predicted = tokenizer.decode([ids[i + 1] for i in np.flatnonzero(scored)])
     assert predicted.strip() == "3 + 4 = 7\n#### 7"

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from cognate.data.dataset import PackedDataset, read_manifest
 from cognate.data.tokenizer import load_tokenizer
+from cognate.eval.tasks import solution_targets
 from cognate.model.config import CognateConfig
 from cognate.model.head import IGNORE_INDEX
 from cognate.model.model import CognateModel
@@ -51,7 +52,6 @@ BUDGETS = ("time", "tokens", "converge")
 FAMILIES = ("math", "code", "qa")
 # The first line of each short-row layout (cognate.data.formatting): math, code, code repair.
 FAMILY_PREFIXES = {"math": ("Problem:",), "code": ("Task:", "Buggy code:")}
-ANSWER_MARK = "Solution:"
 
 
 def arm_overrides(arm: str, preset: CognateConfig) -> dict:
@@ -190,20 +190,10 @@ def _label_row(ids: list[int], eos: int, tokenizer, family: np.ndarray, answer: 
             name = next((f for f, prefixes in FAMILY_PREFIXES.items() if visible.startswith(prefixes)), "")
             family[start:end] = name
             if name == "math":
-                answer[start:end] = _after_mark(ids[start:end], text, tokenizer)
+                encoded, solution = solution_targets(text, tokenizer)
+                if encoded == ids[start:end]:  # else a document cut by packing or FIM: no answer to score
+                    answer[start:end] = solution
         start = end + 1
-
-
-def _after_mark(ids: list[int], text: str, tokenizer) -> np.ndarray:
-    """Tokens that lie wholly after the line `Solution:` (the worked answer), by character offsets."""
-    mark = text.find(ANSWER_MARK)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    if mark < 0 or encoded["input_ids"] != ids:  # a truncated document: no answer span to score
-        return np.zeros(len(ids), dtype=bool)
-    begin = mark + len(ANSWER_MARK)
-    # The target at position i is token i + 1: position i is scored on an answer token when i + 1 is one.
-    is_answer = np.array([s >= begin for s, _ in encoded["offset_mapping"]], dtype=bool)
-    return np.concatenate((is_answer[1:], [False]))
 
 
 @torch.no_grad()

@@ -16,6 +16,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from cognate.data import curriculum, synthetic
 from cognate.data import formatting as fmt
 from cognate.data.formatting import Document
@@ -144,14 +146,31 @@ def mbpp_examples(source_dir: Path, limit: int, skips: SkipLog) -> list[Example]
 
 def synthetic_math_examples(limit: int, training_seed: int = DEFAULT_SPLIT_SEED) -> list[Example]:
     """`limit` built-in arithmetic problems that are not in the built-in curriculum made with `training_seed`."""
+    return [math_example(d) for d in synthetic_math_documents(limit, training_seed)]
+
+
+def synthetic_math_documents(limit: int, training_seed: int = DEFAULT_SPLIT_SEED) -> list[Document]:
+    """The documents (problem and worked solution) behind `synthetic_math_examples`."""
     trained = {math_example(d).prompt for d in synthetic.generate(training_seed)[synthetic.ARITHMETIC]}
     rng = random.Random(SYNTHETIC_EVAL_SEED)
-    examples: dict[str, Example] = {}
+    documents: dict[str, Document] = {}
     for index in range(100 * limit):  # the problem space is large: a repeat is rare, running out impossible
-        if len(examples) == limit:
+        if len(documents) == limit:
             break
         document = Document(synthetic.ARITHMETIC, f"eval-{index}", synthetic.arithmetic_problem(rng))
-        example = math_example(document)
-        if example.prompt not in trained:
-            examples.setdefault(example.prompt, example)
-    return list(examples.values())
+        prompt = math_example(document).prompt
+        if prompt not in trained:
+            documents.setdefault(prompt, document)
+    return list(documents.values())
+
+
+def solution_targets(text: str, tokenizer) -> tuple[list[int], np.ndarray]:
+    """A math document's token ids and, per position i, whether token i + 1 is part of its worked solution
+    (what follows `Solution:`): the positions whose next-token prediction is the answer."""
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mark = text.find(SOLUTION_HEADER.strip())
+    if mark < 0:
+        return encoded["input_ids"], np.zeros(len(encoded["input_ids"]), dtype=bool)
+    begin = mark + len(SOLUTION_HEADER.strip())
+    in_solution = np.array([start >= begin for start, _ in encoded["offset_mapping"]], dtype=bool)
+    return encoded["input_ids"], np.concatenate((in_solution[1:], [False]))
