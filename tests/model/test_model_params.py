@@ -67,3 +67,14 @@ def test_info_prints_a_readable_table(capsys):
     assert main(["info", "--preset", "tiny", "--model", "speed"]) == 0
     table = capsys.readouterr().out
     assert table.startswith("tiny-speed: ") and "embeddings" in table and "t_infer" in table
+
+
+@pytest.mark.parametrize("specialization", SPECIALIZATIONS)
+def test_specialize_carries_every_field_that_defines_the_specialization(specialization):
+    base = get_preset("cognate-25m")
+    assert specialize(base, specialization) == get_preset(specialization)  # names aside (compare=False)
+    tiny = specialize(get_preset("tiny"), specialization)
+    preset = get_preset(specialization)
+    for name in ("mem_capacity", "mem_topk", "t_train", "t_infer", "grad_steps", "act_threshold", "mem_enabled"):
+        assert getattr(tiny, name) == getattr(preset, name), name
+    assert tiny.d_model == get_preset("tiny").d_model  # the size stays

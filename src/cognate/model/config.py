@@ -211,19 +211,22 @@ def get_preset(name: str) -> CognateConfig:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}") from None
 
 
-# The settings that define a specialization. `specialize(config, "memory")` keeps the size of `config` (a `tiny`
-# model stays tiny) and takes these from the specialization's preset.
-SPECIALIZATION_FIELDS = (
-    "t_train",
-    "t_infer",
-    "grad_steps",
-    "act_threshold",
-    "attn_window",
-    "mem_enabled",
-    "mem_min_seq_len",
-    "mem_decay",
-)
 SPECIALIZATIONS = ("reasoning", "memory", "speed")
+# The fields that fix the tensors' shapes: a specialization keeps them, so the seeds of every specialization of one
+# size stay mergeable.
+SIZE_FIELDS = frozenset(
+    {"vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden", "act_hidden", "mem_dim", "tie_embeddings"}
+)
+# The settings that define a specialization: every field in which some specialization's preset differs from the
+# base, except the size. `specialize(config, "memory")` keeps the size of `config` (a `tiny` model stays tiny) and
+# takes these from the specialization's preset.
+SPECIALIZATION_FIELDS = tuple(
+    f.name
+    for f in dataclasses.fields(CognateConfig)
+    if f.name != "name"
+    and f.name not in SIZE_FIELDS
+    and any(getattr(PRESETS[s], f.name) != getattr(_BASE, f.name) for s in SPECIALIZATIONS)
+)
 
 
 def specialize(config: CognateConfig, specialization: str) -> CognateConfig:
