@@ -165,23 +165,25 @@ def _plain(lr: float) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("shape", "adjust_lr_fn"),
+    ("shape", "adjust_lr_fn", "options"),
     [
-        ((48, 12), "original"),  # scale 2: exact in bf16
-        ((36, 12), "original"),  # scale sqrt(3): rounded once more in bf16 here than in torch
-        ((12, 48), "original"),
-        ((16, 16), None),  # torch's default is "original"
+        ((48, 12), "original", {}),  # scale 2: exact in bf16
+        ((36, 12), "original", {}),  # scale sqrt(3): rounded once more in bf16 here than in torch
+        ((12, 48), "original", {}),
+        ((16, 16), None, {}),  # torch's default is "original"
         # Moonshot's rule 0.2·sqrt(max(rows, cols)) equals sqrt(max(1, rows/cols)) exactly when cols == 25.
-        ((100, 25), "match_rms_adamw"),
-        ((30, 25), "match_rms_adamw"),
+        ((100, 25), "match_rms_adamw", {}),
+        ((30, 25), "match_rms_adamw", {}),
+        ((24, 12), "original", {"nesterov": False}),  # plain momentum: the buffer itself is orthogonalised
+        ((24, 12), "original", {"ns_steps": 2}),
     ],
 )
-def test_muon_matches_torch_optim_muon_where_the_update_scales_coincide(shape, adjust_lr_fn):
+def test_muon_matches_torch_optim_muon_where_the_update_scales_coincide(shape, adjust_lr_fn, options):
     generator = torch.Generator().manual_seed(sum(shape))
     start = torch.randn(shape, generator=generator)
     ours_param, theirs_param = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
-    hyper = {"lr": 0.02, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1}
-    ours = MuGrokfast([{"params": [ours_param], "kind": "muon", "ns_steps": 5, **hyper}])
+    hyper = {"lr": 0.02, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1, "ns_steps": 5, **options}
+    ours = MuGrokfast([{"params": [ours_param], "kind": "muon", **hyper}])
     theirs = torch.optim.Muon([theirs_param], adjust_lr_fn=adjust_lr_fn, **hyper)
     for _ in range(5):
         grad = torch.randn(shape, generator=generator)
