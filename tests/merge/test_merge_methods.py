@@ -185,13 +185,21 @@ def test_dare_linear_hand_computed_with_a_known_mask():
 
 
 def test_dare_ties_elects_signs_on_the_dropped_vectors():
-    base = torch.zeros(2)
-    models = [t(4.0, 1.0), t(-1.0, 3.0)]
-    # density 1 keeps everything: signs [+, +]; entry 0 keeps only 4, entry 1 keeps 1 and 3 (normalize: mean)
+    # density 0.5 with seed 0 keeps entries 0, 2, 3, 4 of the first task vector and 0, 2, 4, 5 of the second (the
+    # masks are drawn here as dare_tensors draws them); survivors are doubled.
+    base = torch.zeros(6)
+    models = [t(4.0, -1.0, 2.0, 3.0, -2.0, 1.0), t(1.0, 3.0, -5.0, 1.0, 1.0, -2.0)]
+    g = torch.Generator().manual_seed(0)
+    masks = [torch.rand(6, generator=g) < 0.5 for _ in models]
+    assert [m.nonzero().flatten().tolist() for m in masks] == [[0, 2, 3, 4], [0, 2, 4, 5]]
     merged = methods.dare_tensors(
-        base, models, [1.0, 1.0], 1.0, torch.Generator(), combine="ties", normalize=True
+        base, models, [1.0, 1.0], 0.5, torch.Generator().manual_seed(0), combine="ties", normalize=True
     )
-    torch.testing.assert_close(merged, t(4.0, 2.0))
+    # dropped: (8, 0, 4, 6, -4, 0) and (2, 0, -10, 0, 2, -4). Entry 0: both +, mean 5; entry 1: nothing left,
+    # stays at base; entries 2 and 4: the elected sign is the larger survivor's, the other is left out.
+    torch.testing.assert_close(merged, t(5.0, 0.0, -10.0, 6.0, -4.0, -4.0))
+    linear = methods.dare_tensors(base, models, [1.0, 1.0], 0.5, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(linear, t(10.0, 0.0, -6.0, 6.0, -2.0, -4.0))  # plain sum: no election, no mean
 
 
 def test_dare_state_dict_is_deterministic_per_seed_and_tensor_name():
