@@ -3,7 +3,6 @@ guard, early stopping, the run-folder guard, and torchrun (DDP on gloo) matching
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -257,7 +256,6 @@ def test_a_run_folder_with_another_config_is_refused(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(data_dir, tmp_path):
     steps = 4
     single = tmp_path / "single"
@@ -268,8 +266,10 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(dat
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [
-        "torchrun",
+    command = [  # torchrun of this interpreter: a `torchrun` on PATH may belong to another environment, or be absent
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
         "--nproc_per_node=2",
         f"--master_port={port}",
         "-m",
