@@ -1,15 +1,22 @@
 """`cognate pretrain`: three seed models in the EvoMerge layout, a registry and a summary, and a re-run that
 skips what is finished."""
 
+import contextlib
 import json
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from cognate.data.prepare import PrepareConfig, prepare
+from cognate.export.model_dir import load_model_dir
 from cognate.model.config import get_preset
-from cognate.pretrain import REGISTRY, SEEDS, SUMMARY, PretrainPlan, pretrain
+from cognate.model.model import CognateModel
+from cognate.pretrain import REGISTRY, SEEDS, SUMMARY, WARMUP_DIR, PretrainPlan, pretrain
+from cognate.train import checkpoint, trainer
 from cognate.train.config import TrainConfig
+from cognate.train.data import TrainingData
 from cognate.train.distributed import Distributed
 
 MODEL = dict(
@@ -62,10 +69,10 @@ def pretrained(tmp_path_factory):
             sample_prompts=(),
         ),
         warmup_tokens=256,
-        seed_tokens=512,
+        seed_tokens=1536,  # 6 to 12 updates: room for a checkpoint before the last one
         eval_batches=2,
     )
-    dist = Distributed(rank=0, world_size=1, device=torch.device("cpu"))
+    dist = _single()
     summary = pretrain(plan, data, root / "out", dist)
     return plan, data, root / "out", summary, dist
 
@@ -94,8 +101,13 @@ def test_registry_lists_the_three_seeds_and_how_they_stay_mergeable(pretrained):
         assert model["parameters"] > 0 and model["metrics"]["val_loss"] > 0
 
 
+def _val_loss(model, plan, data) -> float:
+    batches = TrainingData(data, batch_size=plan.train.batch_size, seed=0, dist=_single())
+    return trainer.validate(model, batches, plan.eval_batches, contextlib.nullcontext, _single())["val_loss"]
+
+
 def test_summary_measures_the_plain_average_against_each_seed(pretrained):
-    _, _, out, _, _ = pretrained
+    plan, data, out, _, _ = pretrained
     summary = json.loads((out / SUMMARY).read_text())
     check = summary["merge_check"]
     assert set(check["seed_val_losses"]) == {"tiny-model-1", "tiny-model-2", "tiny-model-3"}
@@ -103,12 +115,20 @@ def test_summary_measures_the_plain_average_against_each_seed(pretrained):
     assert check["average_minus_best_seed"] == pytest.approx(
         check["average_val_loss"] - check["best_seed_val_loss"]
     )
+    # The "average" is the element-wise mean of the three seeds' saved weights, computed here by hand.
+    seeds = [load_file(out / f"tiny-model-{i}" / "model.safetensors") for i in (1, 2, 3)]
+    average = CognateModel(plan.model)
+    average.load_state_dict(
+        {name: (seeds[0][name] + seeds[1][name] + seeds[2][name]) / 3 for name in seeds[0]}
+    )
+    assert check["average_val_loss"] == pytest.approx(_val_loss(average, plan, data), rel=1e-5)
+    for name, loss in check["seed_val_losses"].items():
+        assert loss == pytest.approx(_val_loss(load_model_dir(out / name), plan, data), rel=1e-5)
+    assert min(abs(check["average_val_loss"] - loss) for loss in check["seed_val_losses"].values()) > 1e-4
 
 
 def test_seeds_differ_but_share_their_start(pretrained):
     _, _, out, _, _ = pretrained
-    from safetensors.torch import load_file
-
     shared = load_file(out / "shared-warmup" / "model.safetensors")
     seeds = [load_file(out / f"tiny-model-{i}" / "model.safetensors") for i in (1, 2, 3)]
     name = "lm_head.weight"
@@ -156,3 +176,49 @@ def test_heldout_accuracy_scores_next_token_predictions_of_the_solution(pretrain
     vocab = json.loads((data / "manifest.json").read_text())["tokenizer"]["vocab_size"]
     assert heldout_solution_accuracy(_Oracle(vocab, 1), data, contextlib.nullcontext) == 1.0
     assert heldout_solution_accuracy(_Oracle(vocab, 0), data, contextlib.nullcontext) < 0.2
+
+
+def test_a_rerun_resumes_an_unfinished_seed_from_its_checkpoint(pretrained, tmp_path, monkeypatch):
+    # Seeds 1 and 3 and the shared warm-up are copied finished; seed 2 dies at its last update, after the last
+    # checkpoint (every 2 updates). The re-run must do the updates after that checkpoint only, and end on the
+    # uninterrupted seed's weights, bit for bit.
+    plan, data, finished, _, dist = pretrained
+    total = json.loads((finished / "tiny-model-2" / "training_stats.json").read_text())["training"]["steps"]
+    saved = (total - 1) // plan.train.checkpoint_interval * plan.train.checkpoint_interval
+    assert saved >= 2
+    out = tmp_path / "out"
+    for name in (WARMUP_DIR, "tiny-model-1", "tiny-model-3"):
+        shutil.copytree(finished / name, out / name)
+    original = trainer.CognateModel.forward
+    updates = {"n": 0}
+
+    def dies_at_the_last_update(self, *args, **kwargs):
+        if self.training:
+            updates["n"] += 1
+            if updates["n"] == total:
+                raise RuntimeError("killed")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.CognateModel, "forward", dies_at_the_last_update)
+    interrupted = pretrain(plan, data, out, dist)
+    assert [m["succeeded"] for m in interrupted["models"]] == [True, False, True]
+    run = out / "tiny-model-2" / "run"
+    assert checkpoint.load(run / trainer.CHECKPOINT)["progress"]["step"] == saved
+
+    def counts(self, *args, **kwargs):
+        updates["n"] += self.training
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.CognateModel, "forward", counts)
+    updates["n"] = 0
+    resumed = pretrain(plan, data, out, dist)
+    assert [m.get("skipped", False) for m in resumed["models"]] == [True, False, True]
+    assert resumed["evomerge_ready"]
+    assert updates["n"] == total - saved  # one micro-batch per update; a restart would train all of them
+    ours, straight = (load_file(folder / "tiny-model-2" / "model.safetensors") for folder in (out, finished))
+    assert ours.keys() == straight.keys()
+    assert all(torch.equal(ours[name], straight[name]) for name in ours)
+
+
+def _single() -> Distributed:
+    return Distributed(rank=0, world_size=1, device=torch.device("cpu"))

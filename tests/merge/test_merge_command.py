@@ -1,14 +1,18 @@
 """`cognate merge` over model folders: a method writes a loadable model folder and a recipe that replays to the
 same weights; models of different architectures are refused with a clear error."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from cognate.cli import main
 from cognate.data import synthetic
-from cognate.data.tokenizer import train_tokenizer
+from cognate.data.prepare import PrepareConfig, prepare
+from cognate.data.tokenizer import load_tokenizer, train_tokenizer
 from cognate.export.model_dir import load_model_dir, save_model_dir
+from cognate.merge import Recipe
 from cognate.merge.compat import IncompatibleModelsError
 from cognate.model.config import get_preset
 from cognate.model.model import CognateModel
@@ -69,3 +73,37 @@ def test_models_of_different_architectures_are_refused(folders):
     paths, wider, root = folders
     with pytest.raises(IncompatibleModelsError, match=r"layers\.0\.ffn\.up\.weight"):
         main(["merge", "--models", str(paths[0]), str(wider), "--method", "linear", "--out", str(root / "x")])
+
+
+def test_evolve_from_the_command_line_writes_the_best_recipe_and_its_history(tmp_path, capsys):
+    # Two untrained models that share a prepared data folder's tokenizer; the fitness is the validation loss on
+    # that folder. Budget 5: the three reference candidates (the average, each model), then two CMA-ES proposals.
+    data = tmp_path / "data"
+    prepare(PrepareConfig(out=data, builtin=True, short_len=64, long_len=256), log=lambda _: None)
+    tokenizer = load_tokenizer(data)
+    config = get_preset("tiny").replace(
+        vocab_size=len(tokenizer), d_model=32, n_heads=2, n_layers=2, ffn_hidden=64, mem_dim=16
+    )
+    paths = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        paths.append(save_model_dir(CognateModel(config), tmp_path / f"m{seed}", tokenizer=tokenizer))
+    out = tmp_path / "evolved"
+    argv = ["merge", "--models", *map(str, paths), "--evolve", "--data", str(data), "--budget", "5"]
+    assert main([*argv, "--eval-batches", "1", "--out", str(out)]) == 0
+
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    history = json.loads((out / "evolve_history.json").read_text())
+    assert len(history) == 5 and [c["kind"] for c in history[:3]] == ["reference"] * 3
+    best = min(history, key=lambda c: c["fitness"])
+    assert printed["val_loss"] == pytest.approx(
+        best["fitness"], rel=1e-6
+    )  # the written model is the best one
+    assert Recipe.load(out / "recipe.yaml") == Recipe.from_dict(best["recipe"])
+    load_model_dir(out)
+    replay = tmp_path / "replay"
+    assert main(["merge", "--recipe", str(out / "recipe.yaml"), "--out", str(replay)]) == 0
+    merged, again = (load_file(folder / "model.safetensors") for folder in (out, replay))
+    assert all(torch.equal(merged[name], again[name]) for name in merged)
+    with pytest.raises(SystemExit, match="--evolve needs --data"):
+        main(["merge", "--models", *map(str, paths), "--evolve", "--out", str(tmp_path / "x")])

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cognate.merge import methods
+from cognate.merge.compat import IncompatibleModelsError
 from cognate.merge.methods import MergeError
 
 
@@ -185,13 +186,21 @@ def test_dare_linear_hand_computed_with_a_known_mask():
 
 
 def test_dare_ties_elects_signs_on_the_dropped_vectors():
-    base = torch.zeros(2)
-    models = [t(4.0, 1.0), t(-1.0, 3.0)]
-    # density 1 keeps everything: signs [+, +]; entry 0 keeps only 4, entry 1 keeps 1 and 3 (normalize: mean)
+    # density 0.5 with seed 0 keeps entries 0, 2, 3, 4 of the first task vector and 0, 2, 4, 5 of the second (the
+    # masks are drawn here as dare_tensors draws them); survivors are doubled.
+    base = torch.zeros(6)
+    models = [t(4.0, -1.0, 2.0, 3.0, -2.0, 1.0), t(1.0, 3.0, -5.0, 1.0, 1.0, -2.0)]
+    g = torch.Generator().manual_seed(0)
+    masks = [torch.rand(6, generator=g) < 0.5 for _ in models]
+    assert [m.nonzero().flatten().tolist() for m in masks] == [[0, 2, 3, 4], [0, 2, 4, 5]]
     merged = methods.dare_tensors(
-        base, models, [1.0, 1.0], 1.0, torch.Generator(), combine="ties", normalize=True
+        base, models, [1.0, 1.0], 0.5, torch.Generator().manual_seed(0), combine="ties", normalize=True
     )
-    torch.testing.assert_close(merged, t(4.0, 2.0))
+    # dropped: (8, 0, 4, 6, -4, 0) and (2, 0, -10, 0, 2, -4). Entry 0: both +, mean 5; entry 1: nothing left,
+    # stays at base; entries 2 and 4: the elected sign is the larger survivor's, the other is left out.
+    torch.testing.assert_close(merged, t(5.0, 0.0, -10.0, 6.0, -4.0, -4.0))
+    linear = methods.dare_tensors(base, models, [1.0, 1.0], 0.5, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(linear, t(10.0, 0.0, -6.0, 6.0, -2.0, -4.0))  # plain sum: no election, no mean
 
 
 def test_dare_state_dict_is_deterministic_per_seed_and_tensor_name():
@@ -210,3 +219,105 @@ def test_density_outside_zero_one_is_rejected():
         methods.trim_by_magnitude(t(1.0), 0.0)
     with pytest.raises(MergeError, match="density"):
         methods.drop_and_rescale(t(1.0), 1.5, torch.Generator())
+
+
+# --- dtypes, defaults and messages (each found by mutation testing, docs/testing.md) ---------------------------
+
+
+def test_bf16_inputs_are_merged_in_float32_and_returned_in_bf16():
+    # 1 + 2^-8 is not a bf16 number: accumulating in bf16 would round each partial sum; float32 keeps them.
+    a = torch.tensor([1.0, 3.0, -2.0]).bfloat16()
+    b = torch.tensor([1.0078125, 2.0, 5.0]).bfloat16()
+    base = torch.tensor([0.5, 0.5, 0.5]).bfloat16()
+    merges = {
+        "linear": (methods.linear_tensors([a, b], [0.3, 0.7]), lambda x, y: 0.3 * x + 0.7 * y),
+        "slerp": (methods.slerp_tensors(a, b, 0.4), lambda x, y: methods.slerp_tensors(x, y, 0.4)),
+        "ties": (
+            methods.ties_tensors(base, [a, b], [1.0, 0.5], density=1.0),
+            lambda x, y: methods.ties_tensors(base.float(), [x, y], [1.0, 0.5], density=1.0),
+        ),
+    }
+    for name, (merged, in_float32) in merges.items():
+        assert merged.dtype == torch.bfloat16, name
+        assert torch.equal(merged, in_float32(a.float(), b.float()).bfloat16()), name
+    dare = methods.dare_tensors(base, [a, b], [1.0, 1.0], 1.0, torch.Generator())
+    assert dare.dtype == torch.bfloat16
+
+
+def test_float64_inputs_keep_float64_precision():
+    a = torch.tensor([1.0 + 1e-12, 2.0], dtype=torch.float64)
+    b = torch.tensor([1.0, 2.0 - 1e-12], dtype=torch.float64)
+    base = torch.zeros(2, dtype=torch.float64)
+    assert methods.linear_tensors([a, b], [1.0, 1.0]).tolist() == [1.0 + 0.5e-12, 2.0 - 0.5e-12]
+    assert methods.ties_tensors(base, [a], [0.1], density=1.0, normalize=False).tolist() == (0.1 * a).tolist()
+    dare = methods.dare_tensors(base, [a, b], [1.0, 1.0], 1.0, torch.Generator())
+    assert dare.dtype == torch.float64 and dare.tolist() == (a + b).tolist()
+
+
+def test_slerp_of_vectors_that_are_not_unit_length_by_hand():
+    # a = (2, 0) and b = (3, 3) are 45 degrees apart: at t = 1/2 both coefficients are sin(22.5°) / sin(45°).
+    coefficient = math.sin(math.pi / 8) / math.sin(math.pi / 4)
+    merged = methods.slerp_tensors(t(2.0, 0.0), t(3.0, 3.0), 0.5)
+    torch.testing.assert_close(merged, t(5.0 * coefficient, 3.0 * coefficient))
+
+
+def test_ties_trims_to_at_least_one_entry_and_breaks_a_zero_sum_towards_plus():
+    # density 0.1 of 5 entries: int(0.5) = 0, so k = 1 keeps only the largest magnitude.
+    torch.testing.assert_close(
+        methods.trim_by_magnitude(t(1.0, -4.0, 2.0, 3.0, 0.5), 0.1), t(0, -4.0, 0, 0, 0)
+    )
+    # +1 and -1 sum to exactly 0: mergekit elects +, so only the +1 counts.
+    merged = methods.ties_tensors(t(0.0), [t(1.0), t(-1.0)], [1.0, 1.0], density=1.0)
+    torch.testing.assert_close(merged, t(1.0))
+
+
+def test_ties_normalises_by_weights_that_sum_below_one():
+    # Both agree: (0.25·2 + 0.25·4) / (0.25 + 0.25) = 3; a divisor below 1 is a real divisor, not "zero".
+    merged = methods.ties_tensors(t(0.0), [t(2.0), t(4.0)], [0.25, 0.25], density=1.0)
+    torch.testing.assert_close(merged, t(3.0))
+
+
+def test_state_dict_merges_have_mergekits_defaults_and_pass_every_setting_on():
+    base = {"w": t(0.0, 0.0, 0.0, 0.0)}
+    models = [{"w": t(4.0, -1.0, 2.0, 3.0)}, {"w": t(1.0, 3.0, -5.0, 1.0)}]
+    tensors = [m["w"] for m in models]
+    ties_default = methods.ties(base, models, [1.0, 0.5])["w"]
+    torch.testing.assert_close(
+        ties_default, methods.ties_tensors(base["w"], tensors, [1.0, 0.5], 0.5, 1.0, True)
+    )
+    ties_set = methods.ties(base, models, [1.0, 0.5], density=0.75, scale=0.5, normalize=False)["w"]
+    torch.testing.assert_close(
+        ties_set, methods.ties_tensors(base["w"], tensors, [1.0, 0.5], 0.75, 0.5, False)
+    )
+    for options in ({}, {"rescale": False, "combine": "ties", "scale": 0.5, "normalize": True}):
+        merged = methods.dare(base, models, [1.0, 0.5], density=0.5, seed=3, **options)["w"]
+        generator = torch.Generator().manual_seed(methods.tensor_seed(3, "w"))
+        full = {"rescale": True, "combine": "linear", "scale": 1.0, "normalize": False, **options}
+        expected = methods.dare_tensors(base["w"], tensors, [1.0, 0.5], 0.5, generator, **full)
+        torch.testing.assert_close(merged, expected)
+    assert methods.linear(models, [1.0, 3.0], normalize=False)["w"].tolist() == [7.0, 8.0, -13.0, 6.0]
+
+
+def test_a_tensors_dare_seed_is_fixed_across_versions():
+    # Saved recipes replay to the same weights (docs/merge.md), so the per-tensor seed may never change:
+    # the first 8 bytes of sha256("seed:name"), little-endian, shifted right once (63 bits).
+    assert methods.tensor_seed(0, "layers.0.attn.qkv.weight") == 5558479870052188762
+    assert methods.tensor_seed(7, "embed.weight") == 1213468208686187750
+
+
+def test_merge_errors_say_what_is_wrong():
+    with pytest.raises(MergeError, match=r"^a merge needs at least one model$"):
+        methods.linear([], [])
+    with pytest.raises(MergeError) as error:
+        methods.linear_tensors([t(1.0), t(2.0)], [1.0])
+    assert str(error.value) == "got 1 weights for 2 models"
+    with pytest.raises(MergeError) as error:
+        methods.linear([{"w": t(1.0)}, {"w": t(2.0)}], {"w": [1.0]})
+    assert str(error.value) == "got 1 weights for tensor 'w' for 2 models"
+    with pytest.raises(MergeError, match="no entry for tensor 'v'"):
+        methods.slerp({"w": t(1.0), "v": t(1.0)}, {"w": t(2.0), "v": t(2.0)}, {"w": 0.5})
+    with pytest.raises(MergeError, match="'linear' or 'ties', got 'mean'"):
+        methods.dare_tensors(t(0.0), [t(1.0)], [1.0], 0.5, torch.Generator(), combine="mean")
+    for merge in (methods.ties, lambda b, m, w: methods.dare(b, m, w, density=0.5, seed=0)):
+        with pytest.raises(IncompatibleModelsError, match="in base but"):  # the base is checked like a model
+            merge({"w": t(0.0, 0.0)}, [{"w": t(1.0)}], [1.0])

@@ -86,6 +86,21 @@ def test_nucleus_sampling_draws_only_from_the_smallest_set_reaching_top_p(top_p,
     assert drawn <= nucleus
 
 
+def test_nucleus_sampling_draws_the_nucleus_in_proportion_to_its_renormalised_probabilities():
+    # p = 0.4, 0.3, 0.2, 0.1: with top_p 0.8 the nucleus is the first three, drawn as 4/9, 3/9, 2/9 (a greedy or
+    # an untruncated sampler fails this); temperature 2 flattens to softmax(log p / 2) before the cut.
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]])).expand(6000, 4)
+    drawn = sample(logits, 1.0, 0.8, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(drawn, minlength=4).float() / len(drawn)
+    torch.testing.assert_close(frequencies, torch.tensor([4 / 9, 3 / 9, 2 / 9, 0.0]), rtol=0, atol=0.02)
+    flat = torch.tensor([0.4, 0.3, 0.2, 0.1]).sqrt()
+    flat = flat / flat.sum()  # 0.33, 0.28, 0.23, 0.16: the cut at 0.8 now falls after the third token too
+    drawn = sample(logits, 2.0, 0.8, torch.Generator().manual_seed(1))
+    frequencies = torch.bincount(drawn, minlength=4).float() / len(drawn)
+    expected = torch.cat([flat[:3] / flat[:3].sum(), torch.zeros(1)])
+    torch.testing.assert_close(frequencies, expected, rtol=0, atol=0.02)
+
+
 def test_invalid_sampling_settings_are_refused():
     model = small_model()
     with pytest.raises(ValueError, match="top_p"):

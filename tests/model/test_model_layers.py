@@ -1,9 +1,11 @@
 """Attention (full, sliding-window, cached) and rotary positions against direct reference computations."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cognate.model.layers import KVCache, Rotary, causal_attention
 
@@ -89,3 +91,34 @@ def test_bf16_cpu_attention_path_matches_the_fp32_reference_and_its_gradients(le
     torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.03)
     for got, want in zip(grads, reference_grads, strict=True):
         torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05 * want.abs().max().item() + 0.03)
+
+
+class LargestIntermediates(TorchDispatchMode):
+    """Records every tensor an operator produces that has two dimensions of at least `length`."""
+
+    def __init__(self, length: int) -> None:
+        super().__init__()
+        self.length, self.square = length, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and sum(size >= self.length for size in tensor.shape) >= 2:
+                self.square.append((str(func), tuple(tensor.shape)))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sliding_window_attention_never_allocates_a_sequence_by_sequence_tensor(dtype):
+    # docs/architecture.md: with a window, attention is O(S·W) in memory, never an S×S mask. Forward and backward at S = 1024, window 16:
+    # no operator may produce an [S, S]-sized tensor (scores, probabilities or mask). Full causal attention in
+    # bf16 on the CPU materialises its probabilities, which shows that the check sees them.
+    length = 1024
+    q, k, v = (torch.randn(1, 2, length, 16, dtype=dtype, requires_grad=True) for _ in range(3))
+    with LargestIntermediates(length) as seen:
+        causal_attention(q, k, v, window=16).sum().backward()
+    assert seen.square == []
+    if dtype == torch.bfloat16:
+        with LargestIntermediates(length) as seen:
+            causal_attention(q, k, v, window=None).sum().backward()
+        assert seen.square

@@ -54,6 +54,19 @@ def test_ma_running_sum_stays_exact_over_many_wraps():
     assert out[-1] == pytest.approx(expected, rel=1e-12)
 
 
+def test_ma_running_sum_is_recomputed_when_the_window_wraps():
+    # float32: a 1e6 gradient passes through a window of 4 among gradients of 1e-3. Subtracting it from a running
+    # sum would leave an error of ~0.06; the exact recomputation at each wrap leaves none at the wrapping update.
+    param = torch.nn.Parameter(torch.zeros(1))
+    gf = GrokfastFilter([param], GrokfastConfig(kind="ma", window=4, lamb=1.0))
+    grads = [1e-3, 2e-3, 3e-3, 1e6, 4e-3, 5e-3, 6e-3, 7e-3]  # the last update wraps the window: slot 3 again
+    for g in grads:
+        param.grad = torch.tensor([g])
+        gf.apply()
+    expected = torch.tensor([7e-3]) + torch.tensor(grads[-4:]).sum() / 4
+    torch.testing.assert_close(param.grad, expected, rtol=1e-6, atol=0)
+
+
 def reference_ema(grads_by_step, alpha, lamb):
     """ironjr/grokfast gradfilter_ema, restated for a list of per-step gradient lists."""
     state, out = None, []
@@ -161,6 +174,33 @@ def test_state_dict_round_trip_continues_identically(kind, tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("kind", ["ema", "ma"])
+def test_loading_a_state_copies_it_into_the_parameters_dtype(kind):
+    config = GrokfastConfig(kind=kind, window=2, alpha=0.5)
+    saved_by = [torch.nn.Parameter(torch.zeros(3))]
+    gf = GrokfastFilter(saved_by, config)
+    for step in range(3):
+        saved_by[0].grad = torch.full((3,), float(step + 1))
+        gf.apply()
+    saved = gf.state_dict()
+    before = {k: v.clone() for k, v in saved["state"][0].items() if torch.is_tensor(v)}
+    loaded_by = [torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))]
+    resumed = GrokfastFilter(loaded_by, config)
+    resumed.load_state_dict(saved)
+    assert all(v.dtype == torch.float64 for v in resumed.state[loaded_by[0]].values() if torch.is_tensor(v))
+    loaded_by[0].grad = torch.full((3,), 10.0, dtype=torch.float64)
+    resumed.apply()
+    for key, value in before.items():  # the resumed filter updates its own copy, not the saved tensors
+        assert torch.equal(saved["state"][0][key], value), key
+
+
 def test_config_errors_name_the_fields():
     with pytest.raises(ConfigError, match=r"kind=.*alpha=.*window="):
         GrokfastConfig(kind="fir", alpha=1.5, window=0)
+    with pytest.raises(ConfigError) as error:
+        GrokfastConfig(kind="fir", lamb=-1.0, alpha=1.0, window=0, warmup_steps=-1)
+    assert str(error.value) == (
+        "invalid GrokfastConfig: kind='fir' must be one of ema, ma; lamb=-1.0 must be non-negative; "
+        "alpha=1.0 must lie in [0, 1); window=0 must be at least 1; warmup_steps=-1 must be non-negative"
+    )
+    GrokfastConfig(lamb=0.0, alpha=0.0, window=1, warmup_steps=0)  # every boundary that is allowed

@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cognate.optim import MuGrokfast
 from cognate.optim.muon import adamw_step, muon_step, muon_update_scale, newton_schulz
 
 
@@ -20,7 +21,8 @@ def test_newton_schulz_output_is_close_to_orthogonal(rows, cols, seed):
     out = newton_schulz(3.0 * u @ torch.diag(s) @ v.T)
     assert out.dtype == torch.bfloat16 and out.shape == (rows, cols)
     singular = torch.linalg.svdvals(out.float())
-    assert singular.min() > 0.6 and singular.max() < 1.25
+    # docs/optim.md: "about [0.68, 1.2]"; over 300 random cases the extremes seen were 0.677 and 1.14.
+    assert singular.min() > 0.67 and singular.max() < 1.2
     # ... and it keeps G's singular vectors: u^T out v is close to diagonal.
     core = u.T @ out.float() @ v
     off_diagonal = core - torch.diag(torch.diagonal(core))
@@ -115,3 +117,78 @@ def test_adamw_step_matches_torch_adamw_step_for_step():
         )
         for a, b in zip(ours, theirs):
             torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols", "expected"), [(32, 8, 2.0), (8, 32, 1.0), (16, 16, 1.0), (50, 2, 5.0), (27, 3, 3.0)]
+)
+def test_muon_update_scale_is_sqrt_of_rows_over_cols_for_tall_matrices_only(rows, cols, expected):
+    assert muon_update_scale(rows, cols) == pytest.approx(expected)
+
+
+def _newton_schulz_of_a_scalar(x: float, steps: int = 5) -> float:
+    """The reference's quintic iterated on one singular value, each product rounded to bf16 as on a matrix:
+    g = x², x <- a·x + (b·g + c·g²)·x. Rounding matters: from 1/2, exact arithmetic ends at 0.765, bf16 at 0.824."""
+
+    def bf16(value: float) -> float:
+        return torch.tensor(value).bfloat16().item()
+
+    x = bf16(x)
+    for _ in range(steps):
+        g = bf16(x * x)
+        x = bf16(3.4445 * x + bf16(-4.7750 * g + 2.0315 * g * g) * x)
+    return x
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(16, 4), (4, 16), (8, 8), (36, 4)])
+def test_muon_moves_an_orthogonal_gradient_by_the_hand_computed_amount(rows, cols):
+    # G = 3·Q with Q semi-orthogonal: Frobenius normalisation leaves every singular value at 1/sqrt(k), so the
+    # update is s·Q with s the scalar quintic from 1/sqrt(k), and the step is -lr·sqrt(max(1, rows/cols))·s·Q.
+    # Expected moves per unit of Q: 16x4 -> 0.1·2·0.824, 4x16 -> 0.1·0.824, 8x8 -> 0.1·1.070, 36x4 -> 0.1·3·0.824.
+    # Q is a signed selection of identity columns, exact in bf16, so the only rounding is the iteration's own.
+    k = min(rows, cols)
+    generator = torch.Generator().manual_seed(rows)
+    signs = torch.randint(0, 2, (k,), generator=generator) * 2.0 - 1.0
+    q = torch.eye(max(rows, cols))[:, torch.randperm(max(rows, cols), generator=generator)[:k]] * signs
+    q = q if rows >= cols else q.T
+    p = torch.zeros(rows, cols)
+    lr = 0.1
+    muon_step([p], [3.0 * q], [torch.zeros(rows, cols)], **_plain(lr))
+    expected = lr * max(1.0, rows / cols) ** 0.5 * _newton_schulz_of_a_scalar(k**-0.5)
+    moved = -(p * q).sum() / k  # the component along Q, per unit of Q
+    assert moved.item() == pytest.approx(expected, rel=0.01)
+    torch.testing.assert_close(p, -moved * q, rtol=0, atol=0.02 * expected)
+
+
+def _plain(lr: float) -> dict:
+    return {"lr": lr, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0, "ns_steps": 5}
+
+
+@pytest.mark.parametrize(
+    ("shape", "adjust_lr_fn", "options"),
+    [
+        ((48, 12), "original", {}),  # scale 2: exact in bf16
+        ((36, 12), "original", {}),  # scale sqrt(3): rounded once more in bf16 here than in torch
+        ((12, 48), "original", {}),
+        ((16, 16), None, {}),  # torch's default is "original"
+        # Moonshot's rule 0.2·sqrt(max(rows, cols)) equals sqrt(max(1, rows/cols)) exactly when cols == 25.
+        ((100, 25), "match_rms_adamw", {}),
+        ((30, 25), "match_rms_adamw", {}),
+        ((24, 12), "original", {"nesterov": False}),  # plain momentum: the buffer itself is orthogonalised
+        ((24, 12), "original", {"ns_steps": 2}),
+    ],
+)
+def test_muon_matches_torch_optim_muon_where_the_update_scales_coincide(shape, adjust_lr_fn, options):
+    generator = torch.Generator().manual_seed(sum(shape))
+    start = torch.randn(shape, generator=generator)
+    ours_param, theirs_param = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    hyper = {"lr": 0.02, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1, "ns_steps": 5, **options}
+    ours = MuGrokfast([{"params": [ours_param], "kind": "muon", **hyper}])
+    theirs = torch.optim.Muon([theirs_param], adjust_lr_fn=adjust_lr_fn, **hyper)
+    for _ in range(5):
+        grad = torch.randn(shape, generator=generator)
+        ours_param.grad, theirs_param.grad = grad.clone(), grad.clone()
+        ours.step()
+        theirs.step()
+    # Five steps move entries by ~0.05-0.08; a wrong scale or momentum rule moves them ~1e-2 apart.
+    torch.testing.assert_close(ours_param.detach(), theirs_param.detach(), rtol=0, atol=3e-4)

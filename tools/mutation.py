@@ -1,0 +1,162 @@
+"""Mutation testing of the modules where a silent bug costs most, each against its own tests (docs/testing.md).
+
+For every module in pyproject's [tool.cognate.mutation] table (or the ones named on the command line) this makes
+a scratch copy of the project, tells mutmut (>= 3.8) to mutate that module only and to run only the module's own
+test files, runs it with OMP_NUM_THREADS=1 at low priority, and prints the score table:
+
+    pip install mutmut
+    python tools/mutation.py                            # every module in the table
+    python tools/mutation.py src/cognate/optim/muon.py  # one
+    python tools/mutation.py --survivors ...            # also print each surviving mutant's diff
+
+The score is killed / (killed + survived); "no tests" (mutants in code no selected test runs) and timeouts are
+counted apart. Equivalent survivors are judged by hand and listed in docs/testing.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+STATUS_BY_EXIT_CODE = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped"}
+STATUS_BY_EXIT_CODE.update({24: "timeout", 36: "timeout", 152: "timeout", 255: "timeout", -24: "timeout"})
+
+
+def modules_table() -> dict[str, list[str]]:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return pyproject["tool"]["cognate"]["mutation"]
+
+
+def undecorate_no_grad(source: str) -> str:
+    """`@torch.no_grad()` on a def rewritten as `f = torch.no_grad()(f)` after it: the same function, but one that
+    mutmut (which skips decorated functions) mutates."""
+    lines = source.splitlines(keepends=True)
+    functions = [
+        node
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and [ast.unparse(d) for d in node.decorator_list] == ["torch.no_grad()"]
+    ]
+    for node in sorted(functions, key=lambda n: n.lineno, reverse=True):
+        indent = " " * node.col_offset
+        lines.insert(node.end_lineno, f"{indent}{node.name} = torch.no_grad()({node.name})\n")
+        del lines[node.decorator_list[0].lineno - 1]
+    return "".join(lines)
+
+
+def prepare_scratch(module: str, tests: list[str], scratch: Path) -> None:
+    """A copy of src/, tests/ and pyproject.toml with a setup.cfg that scopes mutmut to `module` and `tests`."""
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    scratch.mkdir(parents=True)
+    for folder in ("src", "tests"):
+        shutil.copytree(ROOT / folder, scratch / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", scratch / "pyproject.toml")
+    (scratch / module).write_text(undecorate_no_grad((ROOT / module).read_text()))
+    lines = [
+        "[mutmut]",
+        "source_paths = src",
+        f"only_mutate = {module}",
+        "pytest_add_cli_args_test_selection =",
+        *(f"    {test}" for test in tests),
+        "pytest_add_cli_args =",
+        "    -p",
+        "    no:cacheprovider",
+        "    -q",
+    ]
+    (scratch / "setup.cfg").write_text("\n".join(lines) + "\n")
+
+
+def run_mutmut(scratch: Path, max_children: int) -> None:
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        # Subprocesses the tests start (the CLI, torchrun) import the mutated copy too.
+        "PYTHONPATH": str(scratch / "mutants" / "src"),
+    }
+    # The folder must exist before Python starts, or the import system caches it as absent and the tests import
+    # the unmutated package (an editable install) instead.
+    (scratch / "mutants" / "src").mkdir(parents=True, exist_ok=True)
+    command = ["nice", "-n", "10", sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)]
+    subprocess.run(command, cwd=scratch, env=env, check=True)
+
+
+def results(scratch: Path) -> dict[str, str]:
+    """Each mutant's status, read from mutmut's .meta files."""
+    statuses = {}
+    for meta in (scratch / "mutants").rglob("*.meta"):
+        for name, exit_code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            statuses[name] = (
+                "not checked" if exit_code is None else STATUS_BY_EXIT_CODE.get(exit_code, "other")
+            )
+    return statuses
+
+
+def survivor_diffs(scratch: Path, names: list[str]) -> str:
+    env = {**os.environ, "PYTHONPATH": str(scratch / "mutants" / "src")}
+    return "".join(
+        subprocess.run(
+            [sys.executable, "-m", "mutmut", "show", name],
+            cwd=scratch,
+            env=env,
+            capture_output=True,
+            text=True,
+        ).stdout
+        for name in names
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("modules", nargs="*", help="modules to mutate (default: all in the table)")
+    parser.add_argument("--scratch", type=Path, default=Path("/tmp/cognate-mutation"))
+    parser.add_argument("--max-children", type=int, default=1)
+    parser.add_argument("--survivors", action="store_true", help="print the diff of every surviving mutant")
+    parser.add_argument("--json", type=Path, help="also write the table here")
+    args = parser.parse_args(argv)
+    table = modules_table()
+    unknown = [m for m in args.modules if m not in table]
+    if unknown:
+        print(f"error: {unknown} not in [tool.cognate.mutation]; known: {sorted(table)}", file=sys.stderr)
+        return 2
+    rows = {}
+    for module in args.modules or list(table):
+        scratch = args.scratch / module.replace("/", "_").removesuffix(".py")
+        prepare_scratch(module, table[module], scratch)
+        run_mutmut(scratch, args.max_children)
+        statuses = results(scratch)
+        counts = Counter(statuses.values())
+        judged = counts["killed"] + counts["survived"]
+        rows[module] = {**counts, "score": counts["killed"] / judged if judged else None}
+        if args.survivors:
+            print(survivor_diffs(scratch, sorted(n for n, s in statuses.items() if s == "survived")))
+    print("\n| module | mutants | killed | survived | no tests | timeout | score |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for module, row in rows.items():
+        total = sum(v for k, v in row.items() if k != "score")
+        score = "-" if row["score"] is None else f"{100 * row['score']:.0f}%"
+        print(
+            f"| {module} | {total} | {row.get('killed', 0)} | {row.get('survived', 0)} | "
+            f"{row.get('no tests', 0)} | {row.get('timeout', 0)} | {score} |"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
