@@ -132,7 +132,7 @@ def measure(args: argparse.Namespace) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="cognate-bench-hf-") as folder:
         hf_model = load_hf_export(model, Path(folder), device)
-        lengths, hook = input_lengths_seen(hf_model.model)
+        lengths, hook = input_lengths_seen(hf_model)
         outputs["hf"], seconds = timed_generation(
             hf_generate(hf_model, prompt, args.new_tokens, True, autocast), device, args.repeats
         )

@@ -9,13 +9,15 @@ mergekit copy only the file `auto_map` names.
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from tokenizers import processors
+from transformers import GenerationConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from cognate.model import config as config_module
 from cognate.model.config import HF_CONFIG_NAMES, CognateConfig
@@ -101,9 +103,14 @@ def hf_config_dict(config: CognateConfig, tokenizer: PreTrainedTokenizerBase | N
             "architectures": ["CognateForCausalLM"],
             "auto_map": AUTO_MAP,
             "torch_dtype": "float32",
+            # Derived names tools read to size caches and attention; `generate` caches (modeling_cognate.py).
+            "num_key_value_heads": config.n_heads,
+            "head_dim": config.head_dim,
+            "use_cache": True,
         }
     )
     if tokenizer is not None:
+        # Every document the model saw followed an end-of-text token: it is the model's beginning of sequence.
         out.update(
             {
                 "bos_token_id": tokenizer.eos_token_id,
@@ -129,10 +136,41 @@ def export_hf(
     weights = {f"model.{name}": tensor.detach().contiguous().clone() for name, tensor in state_dict.items()}
     save_file(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
     if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+        save_hf_tokenizer(tokenizer, out_dir)
+        # No max_length: generate() would warn beside every max_new_tokens; max_position_embeddings bounds it.
         GenerationConfig(
+            bos_token_id=tokenizer.eos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
-            max_length=config.max_seq_len,
         ).save_pretrained(out_dir)
     return out_dir
+
+
+def hf_tokenizer(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """A copy of the native tokenizer that behaves like a standard causal LM's: `tokenizer(text)` starts with the
+    end-of-text token (the model's beginning of sequence, as in the packed training rows, and as `cognate
+    generate` prompts), batches pad on the left (what batched generation needs) and give no token_type_ids.
+
+    The beginning of sequence is a post-processor in tokenizer.json, which every transformers version applies.
+    """
+    hf = copy.deepcopy(tokenizer)
+    eos = hf.eos_token
+    hf.bos_token = eos
+    hf.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{eos} $A", pair=f"{eos} $A {eos} $B", special_tokens=[(eos, hf.eos_token_id)]
+    )
+    # save_pretrained writes init_kwargs; the attributes serve this copy.
+    settings = {"padding_side": "left", "model_input_names": ["input_ids", "attention_mask"]}
+    hf.init_kwargs.update(settings)
+    for name, value in settings.items():
+        setattr(hf, name, value)
+    return hf
+
+
+def save_hf_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
+    hf_tokenizer(tokenizer).save_pretrained(out_dir)
+    # transformers 5 names the class TokenizersBackend, which 4.x does not know; both know this name.
+    config_path = out_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
