@@ -12,7 +12,7 @@ from transformers.cache_utils import Cache
 from cognate.export.hf import export_hf
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "model"))
-from model_testing import random_tokens, small_model  # noqa: E402
+from model_testing import random_tokens, small_model
 
 PAD = 0  # a token id for generate's padding; the prompts' pad positions are masked out
 
@@ -30,14 +30,24 @@ def offline_one_thread():
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A small model whose tokens halt at different steps and whose memory writes every 4 tokens, exported."""
+    """A small model whose tokens halt at different steps and whose memory writes every 4 tokens, exported.
+
+    Its blocks' matrices are scaled up 20x: a fresh small model's greedy tokens fall into a cycle that ignores the
+    context (padding, positions, memory), which would let a wrong cache pass; these depend on all of it.
+    """
     model = small_model(seed=3).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.startswith("layers.") and parameter.dim() == 2:
+                parameter.mul_(20.0)
     folder = export_hf(model.state_dict(), model.cfg, tmp_path_factory.mktemp("hf") / "hf_format")
     hf_model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     return model, hf_model
 
 
 def hf_greedy(hf_model, input_ids, new_tokens, **kwargs):
+    # An explicit mask: without one, generate would take a prompt's token PAD for padding.
+    kwargs.setdefault("attention_mask", torch.ones_like(input_ids))
     with torch.no_grad():
         return hf_model.generate(
             input_ids,
@@ -49,11 +59,14 @@ def hf_greedy(hf_model, input_ids, new_tokens, **kwargs):
         )
 
 
-def test_halting_differs_between_tokens_so_the_comparison_means_something(exported):
+def test_the_comparisons_mean_something_halting_varies_and_tokens_depend_on_the_context(exported):
     model, _ = exported
     with torch.no_grad():
         steps = model(random_tokens(2, 30, seed=1)).act["steps"]
     assert len(steps.unique()) > 1
+    prompt = random_tokens(1, 9, seed=2)
+    shifted = torch.cat((torch.full((1, 3), PAD), prompt), 1)  # the same prompt with pad tokens as tokens
+    assert not torch.equal(model.generate(prompt, 12)[:, 9:], model.generate(shifted, 12)[:, 12:])
 
 
 def test_cached_generate_reads_one_token_per_step_and_gives_the_native_tokens(exported):
@@ -73,7 +86,7 @@ def test_cached_generate_reads_one_token_per_step_and_gives_the_native_tokens(ex
 
 
 def test_the_forward_returns_a_transformers_cache_that_continues_the_sequence(exported):
-    model, hf_model = exported
+    _, hf_model = exported
     ids = random_tokens(1, 14, seed=5)
     with torch.no_grad():
         first = hf_model(ids[:, :9], use_cache=True)
@@ -126,4 +139,3 @@ def test_beam_search_reorders_the_cache_as_recomputing_would(exported):
     prompt = random_tokens(2, 7, seed=40)
     cached = hf_greedy(hf_model, prompt, 10, num_beams=3)
     assert torch.equal(cached, hf_greedy(hf_model, prompt, 10, num_beams=3, use_cache=False))
-
