@@ -97,7 +97,13 @@ Trained by `cognate pretrain` (seed {stats.get("seed", "?")}) on {stats.get("dat
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained("hf_format", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("hf_format")
+tokenizer = AutoTokenizer.from_pretrained("hf_format", trust_remote_code=True)
+prompts = ["Problem: 2 + 3 = ?\\nSolution:\\n", "Question: 7 - 4?\\nAnswer:"]
+inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+outputs = model.generate(**inputs, max_new_tokens=32)
+print(tokenizer.batch_decode(outputs, skip_special_tokens=True))
 ```
-or natively: `cognate generate --model . --prompt "Problem: ..."`.
+The tokenizer starts every text with `<|endoftext|>`, as every document started in training, and pads on the left;
+`generate` caches keys, values and memory, and gives the tokens of `cognate generate`, batched or not.
+Or natively: `cognate generate --model . --prompt "Problem: ..."`.
 """
