@@ -10,7 +10,6 @@ folder, memory off) is None in the report, and `report["skipped"]` says why.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import os
 import sys
@@ -31,7 +30,7 @@ from cognate.data.tokenizer import encode_texts, load_tokenizer
 from cognate.eval import metrics, tasks
 from cognate.eval.sandbox import check_mbpp_solution, describe_isolation
 from cognate.eval.tasks import Example, HeldOutSplit, SourceUnavailable
-from cognate.export.model_dir import load_model_dir
+from cognate.export.model_dir import load_model_dir, tokenizer_sha256
 from cognate.model.model import IGNORE_INDEX, CognateModel
 
 REPORT_VERSION = 1
@@ -136,18 +135,18 @@ def evaluate_model_dir(
         raise EvalError(
             f"{model_dir} has no tokenizer.json: a model folder keeps the tokenizer it was trained with"
         )
-    tokenizer_sha256 = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
+    model_tokenizer = tokenizer_sha256(model_dir)  # of the native form: an hf_format folder's matches too
     if config.data is not None:
         data_sha256 = read_manifest(config.data)["tokenizer"]["sha256"]
-        if data_sha256 != tokenizer_sha256:
+        if data_sha256 != model_tokenizer:
             raise EvalError(
                 f"the tokenizer of {config.data} (sha256 {data_sha256[:12]}...) is not the model's "
-                f"({tokenizer_file}, sha256 {tokenizer_sha256[:12]}...): its token ids mean other text to this "
+                f"({tokenizer_file}, sha256 {model_tokenizer[:12]}...): its token ids mean other text to this "
                 "model; give the folder the model was trained on, or one prepared with --tokenizer MODEL_DIR"
             )
     model = load_model_dir(model_dir, device)
     report = evaluate(model, load_tokenizer(model_dir), config, log)
-    report["model"] |= {"path": str(model_dir), "tokenizer_sha256": tokenizer_sha256}
+    report["model"] |= {"path": str(model_dir), "tokenizer_sha256": model_tokenizer}
     return report
 
 

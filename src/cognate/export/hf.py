@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import processors
+from tokenizers import Tokenizer, processors
 from transformers import GenerationConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from cognate.model import config as config_module
@@ -34,6 +34,10 @@ _SIBLING_IMPORT = re.compile(
     r"^( *)from (?:cognate\.model)?\.(\w+) import (?:\([^)]*\)|[^\n]*)\n", re.MULTILINE
 )
 _FUTURE_IMPORT = re.compile(r"^from __future__ import [^\n]*\n", re.MULTILINE)
+
+
+# tokenizer_config.json key of an hf_format tokenizer: the native tokenizer.json's post-processor (see hf_tokenizer).
+NATIVE_POST_PROCESSOR = "cognate_native_post_processor"
 
 
 class ExportError(RuntimeError):
@@ -152,19 +156,42 @@ def hf_tokenizer(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
     generate` prompts), batches pad on the left (what batched generation needs) and give no token_type_ids.
 
     The beginning of sequence is a post-processor in tokenizer.json, which every transformers version applies.
+    The native post-processor is kept in tokenizer_config.json, so `native_tokenizer` restores the exact file.
     """
+    if NATIVE_POST_PROCESSOR in tokenizer.init_kwargs:
+        return copy.deepcopy(tokenizer)  # already in this form
     hf = copy.deepcopy(tokenizer)
     eos = hf.eos_token
+    hf.init_kwargs[NATIVE_POST_PROCESSOR] = json.loads(hf.backend_tokenizer.to_str())["post_processor"]
     hf.bos_token = eos
     hf.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{eos} $A", pair=f"{eos} $A {eos} $B", special_tokens=[(eos, hf.eos_token_id)]
     )
-    # save_pretrained writes init_kwargs; the attributes serve this copy.
-    settings = {"padding_side": "left", "model_input_names": ["input_ids", "attention_mask"]}
-    hf.init_kwargs.update(settings)
-    for name, value in settings.items():
-        setattr(hf, name, value)
+    _set_saved(hf, padding_side="left", model_input_names=["input_ids", "attention_mask"])
     return hf
+
+
+def native_tokenizer(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """The inverse of `hf_tokenizer`: the tokenizer (and the exact tokenizer.json) the model was trained with."""
+    native = copy.deepcopy(tokenizer)
+    if NATIVE_POST_PROCESSOR not in native.init_kwargs:
+        return native
+    state = json.loads(native.backend_tokenizer.to_str())
+    state["post_processor"] = native.init_kwargs.pop(NATIVE_POST_PROCESSOR)
+    native.backend_tokenizer.post_processor = Tokenizer.from_str(json.dumps(state)).post_processor
+    native.bos_token = None
+    native.init_kwargs.pop("bos_token", None)
+    _set_saved(native, padding_side="right", model_input_names=type(native).model_input_names)
+    for name in ("padding_side", "model_input_names"):
+        native.init_kwargs.pop(name)
+    return native
+
+
+def _set_saved(tokenizer: PreTrainedTokenizerFast, **settings) -> None:
+    """Set attributes and the init_kwargs save_pretrained writes to tokenizer_config.json."""
+    tokenizer.init_kwargs.update(settings)
+    for name, value in settings.items():
+        setattr(tokenizer, name, value)
 
 
 def save_hf_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
