@@ -2,6 +2,7 @@
 tasks, lm-eval generates the same completions as our evaluation (batched, so left-padded), and its metric config
 scores them. Skipped where the `lmeval` extra is not installed."""
 
+import functools
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ pytest.importorskip("lm_eval")
 
 from cognate.cli import main
 from cognate.data import synthetic
-from cognate.data.tokenizer import train_tokenizer
+from cognate.data.tokenizer import load_tokenizer, train_tokenizer
 from cognate.eval import lm_eval_tasks
 from cognate.eval.evaluate import MATH_STOPS
 from cognate.eval.tasks import Example
@@ -50,9 +51,14 @@ def model_dir(tmp_path_factory):
         max_seq_len=256,
     )
     torch.manual_seed(0)
-    return save_model_dir(
-        CognateModel(config), tmp_path_factory.mktemp("lm_eval") / "model", tokenizer=tokenizer
-    )
+    model = CognateModel(config)
+    # Blocks scaled up so greedy tokens depend on the whole prompt (a fresh small model's ignore all but the last
+    # few tokens, which would hide a missing beginning of sequence or a padding error).
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.startswith("layers.") and parameter.dim() == 2:
+                parameter.mul_(20.0)
+    return save_model_dir(model, tmp_path_factory.mktemp("lm_eval") / "model", tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +81,15 @@ def test_lm_eval_generates_our_completions_on_the_written_math_task(report):
 
 def test_lm_eval_scores_with_the_written_qa_metric(model_dir, report, tmp_path):
     """Gold answers that are, and are not, the completions: lm-eval's exact match must give one half."""
+    special = load_tokenizer(model_dir).all_special_tokens
     predictions = report["math"]["sources"]["synthetic_arithmetic"]["predictions"][:2]
+    # lm-eval decodes without special tokens; ours keeps them
+    ours = [
+        functools.reduce(lambda text, t: text.replace(t, ""), special, p["completion"]) for p in predictions
+    ]
     written = Path(report["lm_eval"]["tasks_dir"]) / "cognate_math.jsonl"
     rows = [json.loads(line) for line in written.read_text(encoding="utf-8").splitlines()][:2]
-    golds = [
-        f"  {predictions[0]['completion'].upper()}.",
-        "no such answer",
-    ]  # case, spaces, punctuation ignored
+    golds = [f"  {ours[0].upper()}.", "no such answer"]  # case, spaces and punctuation are ignored
     examples = [
         Example("check", row["id"], row["prompt"], row["prompt"], answers=(gold,))
         for row, gold in zip(rows, golds, strict=True)
@@ -90,5 +98,5 @@ def test_lm_eval_scores_with_the_written_qa_metric(model_dir, report, tmp_path):
     figures, completions = lm_eval_tasks.run_lm_eval(
         model_dir / "hf_format", tmp_path, [lm_eval_tasks.QA_TASK], "cpu", batch_size=2
     )
-    assert completions[lm_eval_tasks.QA_TASK] == [p["completion"] for p in predictions]
+    assert completions[lm_eval_tasks.QA_TASK] == ours
     assert figures[lm_eval_tasks.QA_TASK] == {"exact_match,none": 0.5}

@@ -587,9 +587,11 @@ def lm_eval_section(run: _TaskRun, report: dict, hf_folder: Path, device: str) -
     """lm-evaluation-harness on the examples the math and QA sections scored, beside our figures.
 
     `same_completions`: the share of examples whose lm-eval completion is ours, so that a difference between the
-    figures is known to come from the metrics (see cognate.eval.lm_eval_tasks), not from the generations.
+    figures is known to come from the metrics (see cognate.eval.lm_eval_tasks), not from the generations. lm-eval
+    decodes without special tokens (a generated <|pad|>, say), which ours keep: they are left out of the comparison.
     """
     config = run.config
+    special = run.runner.tokenizer.all_special_tokens
     plans = {
         "math": (lm_eval_tasks.MATH_TASK, MATH_STOPS, config.math_new_tokens),
         "qa": (lm_eval_tasks.QA_TASK, QA_STOPS, config.qa_new_tokens),
@@ -606,7 +608,9 @@ def lm_eval_section(run: _TaskRun, report: dict, hf_folder: Path, device: str) -
     for section in sections:
         task = plans[section][0]
         ours = [
-            p["completion"] for entry in report[section]["sources"].values() for p in entry["predictions"]
+            _without(p["completion"], special)
+            for entry in report[section]["sources"].values()
+            for p in entry["predictions"]
         ]
         theirs = completions[task]
         tasks_report[task] = {
@@ -621,6 +625,12 @@ def lm_eval_section(run: _TaskRun, report: dict, hf_folder: Path, device: str) -
         "batch_size": config.lm_eval_batch_size,
         "tasks": tasks_report,
     }
+
+
+def _without(text: str, tokens: Sequence[str]) -> str:
+    for token in tokens:
+        text = text.replace(token, "")
+    return text
 
 
 def _accuracy(correct: list[bool]) -> dict:
