@@ -40,6 +40,11 @@ _FUTURE_IMPORT = re.compile(r"^from __future__ import [^\n]*\n", re.MULTILINE)
 NATIVE_POST_PROCESSOR = "cognate_native_post_processor"
 
 
+# Settings `native_tokenizer` puts back in memory (and leaves out of tokenizer_config.json, as the native folder
+# does): right padding, as a freshly made tokenizer pads, and exact decoding, as the native code decodes.
+NATIVE_SETTINGS = {"padding_side": "right", "clean_up_tokenization_spaces": False}
+
+
 class ExportError(RuntimeError):
     pass
 
@@ -167,7 +172,13 @@ def hf_tokenizer(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
     hf.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{eos} $A", pair=f"{eos} $A {eos} $B", special_tokens=[(eos, hf.eos_token_id)]
     )
-    _set_saved(hf, padding_side="left", model_input_names=["input_ids", "attention_mask"])
+    # Decoding gives back the text exactly (transformers 4 "cleans up" spaces before punctuation by default).
+    _set_saved(
+        hf,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+        model_input_names=["input_ids", "attention_mask"],
+    )
     return hf
 
 
@@ -178,11 +189,12 @@ def native_tokenizer(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerF
         return native
     state = json.loads(native.backend_tokenizer.to_str())
     state["post_processor"] = native.init_kwargs.pop(NATIVE_POST_PROCESSOR)
-    native.backend_tokenizer.post_processor = Tokenizer.from_str(json.dumps(state)).post_processor
+    # The whole backend from JSON: older tokenizers cannot set a post-processor back to None (no post-processing).
+    native._tokenizer = Tokenizer.from_str(json.dumps(state))
     native.bos_token = None
     native.init_kwargs.pop("bos_token", None)
-    _set_saved(native, padding_side="right", model_input_names=type(native).model_input_names)
-    for name in ("padding_side", "model_input_names"):
+    _set_saved(native, **NATIVE_SETTINGS, model_input_names=type(native).model_input_names)
+    for name in (*NATIVE_SETTINGS, "model_input_names"):
         native.init_kwargs.pop(name)
     return native
 
