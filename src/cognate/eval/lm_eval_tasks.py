@@ -31,7 +31,7 @@ MATH_TASK, QA_TASK = "cognate_math", "cognate_qa"
 EXTRA_HINT = "pip install 'cognate[lmeval]' (lm_eval[hf]>=0.4)"
 
 # GSM8K's lm-eval task config (lm_eval/tasks/gsm8k/gsm8k.yaml): its answer extraction and exact match.
-_GSM8K_FILTERS = [
+GSM8K_FILTERS = [
     {
         "name": "strict-match",
         "filter": [
@@ -47,7 +47,7 @@ _GSM8K_FILTERS = [
         ],
     },
 ]
-_GSM8K_EXACT_MATCH = {
+GSM8K_EXACT_MATCH = {
     "metric": "exact_match",
     "aggregation": "mean",
     "higher_is_better": True,
@@ -55,7 +55,7 @@ _GSM8K_EXACT_MATCH = {
     "ignore_punctuation": False,
     "regexes_to_ignore": [",", "\\$", "(?s).*#### ", "\\.$"],
 }
-_QA_EXACT_MATCH = {
+QA_EXACT_MATCH = {
     "metric": "exact_match",
     "aggregation": "mean",
     "higher_is_better": True,
@@ -81,11 +81,11 @@ def task_config(name: str, data_file: Path, stops: Sequence[str], max_new_tokens
             "temperature": 0.0,
             "max_gen_toks": max_new_tokens,
         },
-        "metric_list": [_GSM8K_EXACT_MATCH if math else _QA_EXACT_MATCH],
+        "metric_list": [GSM8K_EXACT_MATCH if math else QA_EXACT_MATCH],
         "metadata": {"version": 1.0},
     }
     if math:
-        config["filter_list"] = _GSM8K_FILTERS
+        config["filter_list"] = GSM8K_FILTERS
     return config
 
 
