@@ -28,7 +28,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import HF_CONFIG_NAMES, CognateConfig
 from .generate import DecodeState
-from .layers import KVCache
+from .memory import MemoryState
 from .model import CognateModel
 
 # transformers 5 calls the cache argument and output field `cache` (`past_key_values` is deprecated there);
@@ -118,7 +118,7 @@ class CognateCache(Cache):
     def __init__(self, padding: torch.Tensor):
         try:
             super().__init__(layers=[])
-        except TypeError:  # transformers before 4.56: Cache() takes no arguments
+        except TypeError:  # transformers 4: Cache() takes no arguments
             super().__init__()
         self.groups = [PaddingGroup(rows, p, DecodeState()) for rows, p in padding_groups(padding)]
         self.batch = len(padding)
@@ -199,14 +199,21 @@ class CognateCache(Cache):
         self.seen = 0
 
 
-def select_decode_state(state: DecodeState, index: torch.Tensor) -> DecodeState:
-    """The decoding state of some rows of a batch."""
-    return DecodeState(
-        caches=[[KVCache(c.keys[index], c.values[index]) for c in step] for step in state.caches],
-        position=state.position,
-        memory_state=state.memory_state.select(index) if state.memory_state is not None else None,
-        last_logits=[logits[index] for logits in state.last_logits],
-    )
+def select_decode_state(state, index: torch.Tensor):
+    """The decoding state of some rows of a batch: every tensor in it indexed on its batch dimension (the first,
+    except in a MemoryState, which knows its own), whatever fields the native state holds."""
+    if isinstance(state, torch.Tensor):
+        return state[index]
+    if isinstance(state, MemoryState):
+        return state.select(index)
+    if isinstance(state, list):
+        return [select_decode_state(item, index) for item in state]
+    if dataclasses.is_dataclass(state):
+        fields = dataclasses.fields(state)
+        return dataclasses.replace(
+            state, **{f.name: select_decode_state(getattr(state, f.name), index) for f in fields}
+        )
+    return state  # positions and other per-sequence-independent values
 
 
 class CognateForCausalLM(PreTrainedModel, GenerationMixin):
