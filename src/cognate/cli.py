@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("cognate.pretrain_command", "train the three seed models and write the EvoMerge-ready layout"),
     "eval": ("cognate.eval.commands", "measure a model folder: perplexity, task scores, ACT, memory, collapse"),
     "generate": ("cognate.export.generate_command", "continue a prompt with a model folder"),
+    "convert": ("cognate.export.convert_command", "rewrite a model folder as native or Hugging Face (hf_format, mergekit) layout"),
 }
 
 GROUPS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {

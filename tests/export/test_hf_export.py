@@ -88,6 +88,13 @@ def test_hf_format_loads_through_transformers_alone_with_the_same_logits_and_gen
         prompt = tokenizer("Problem: 2 + 3", return_tensors="pt").input_ids
         out = model.generate(prompt, max_new_tokens=5, do_sample=False)
         assert out.shape == (1, prompt.shape[1] + 5), out.shape
+        # The model's convention: a text follows end-of-text; batches pad on the left; no token_type_ids.
+        assert tokenizer.bos_token == tokenizer.eos_token == "<|endoftext|>"
+        assert prompt[0, 0].item() == tokenizer.eos_token_id == model.config.bos_token_id
+        batch = tokenizer(["Problem: 2 + 3", "x"], padding=True)
+        assert sorted(batch) == ["attention_mask", "input_ids"] and batch["attention_mask"][1][0] == 0
+        for name, value in (("num_key_value_heads", 2), ("head_dim", 16), ("use_cache", True)):
+            assert getattr(model.config, name) == value, name
         print("names", sorted(name for name in sys.modules if name.split(".")[0] == "cognate"))
         print("layers", any(k.startswith("model.layers.0.") for k in model.state_dict()))
     """)
@@ -97,3 +104,23 @@ def test_hf_format_loads_through_transformers_alone_with_the_same_logits_and_gen
     assert result.returncode == 0, result.stderr[-3000:]
     assert "names []" in result.stdout  # cognate was never imported
     assert "layers True" in result.stdout  # per-layer weight names: model.layers.{i}.…
+
+
+def test_the_model_cards_snippet_runs_without_a_question_or_a_warning(model_dir):
+    folder = model_dir[0]
+    card = (folder / "README.md").read_text()
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    result = subprocess.run(
+        [sys.executable, "-c", snippet],
+        cwd=folder,
+        env={**ENV, "TRANSFORMERS_VERBOSITY": "info"},  # info shows warnings and anything louder
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[y/N]" not in result.stdout + result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "warn" in line.lower()]
+    assert not warnings, warnings
+    assert result.stdout.startswith("['Problem: 2 + 3 = ?")

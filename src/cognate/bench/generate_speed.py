@@ -7,7 +7,8 @@ In one process, on the same weights and the same random prompt, greedy decoding 
               `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`, `.generate(do_sample=False)`
 each timed after an untimed warm-up. Tokens/s counts the generated tokens of the whole batch over the wall time of
 the call, prompt processing included. Whether the export really uses a cache is measured, not assumed: a hook
-records the length of every input its model is given (a cached decoder sees one token per call after the prompt).
+records the length of every input the exported model's forward is given (a cached decoder sees one token per call
+after the prompt).
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def measure(args: argparse.Namespace) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="cognate-bench-hf-") as folder:
         hf_model = load_hf_export(model, Path(folder), device)
-        lengths, hook = input_lengths_seen(hf_model.model)
+        lengths, hook = input_lengths_seen(hf_model)
         outputs["hf"], seconds = timed_generation(
             hf_generate(hf_model, prompt, args.new_tokens, True, autocast), device, args.repeats
         )

@@ -44,6 +44,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     add_bf16_argument(parser)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--lm-eval",
+        type=Path,
+        metavar="DIR",
+        help="also run lm-evaluation-harness (the lmeval extra) on the same math and QA examples, written to DIR "
+        "as local tasks, and report its figures beside ours",
+    )
+    parser.add_argument(
+        "--lm-eval-batch-size",
+        type=int,
+        default=1,
+        help="lm-eval's batch size (default 1; left-padded above)",
+    )
 
 
 def _tokens(value: str) -> int | None:
@@ -76,10 +89,12 @@ def run(args: argparse.Namespace) -> int:
             max_examples=args.max_examples,
             val_tokens=args.val_tokens,
             bf16=resolve_precision(args.bf16, device).bf16,
+            lm_eval_dir=args.lm_eval,
+            lm_eval_batch_size=args.lm_eval_batch_size,
             **caps,
         )
         report = evaluate_model_dir(args.model, config, device)
-    except (EvalError, FileNotFoundError) as error:
+    except (EvalError, FileNotFoundError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     table = format_report(report)
@@ -173,6 +188,15 @@ def format_report(report: dict) -> str:
                     f"  {name}",
                     f"{_share(entry['exact_match'])} / {_share(entry['f1'])} ({entry['examples']} examples{truncated})",
                 )
+            )
+    if lm_eval := report.get("lm_eval"):
+        for task, entry in lm_eval["tasks"].items():
+            figures = ", ".join(f"{name} {value:.3f}" for name, value in entry["lm_eval"].items())
+            rows.append(
+                (f"lm-eval {task}", f"{figures} (ours: exact_match {_share(entry['ours']['exact_match'])})")
+            )
+            rows.append(
+                ("  same completions as ours", f"{entry['same_completions']:.1%} of {entry['examples']}")
             )
     generation = report["generation"]
     verdict = "COLLAPSED: " + "; ".join(generation["reasons"]) if generation["collapsed"] else "no collapse"

@@ -10,7 +10,6 @@ folder, memory off) is None in the report, and `report["skipped"]` says why.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import os
 import sys
@@ -18,7 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +27,10 @@ import torch.nn.functional as F
 from cognate.data.dataset import KINDS, PackedDataset, read_manifest
 from cognate.data.readers import SkipLog
 from cognate.data.tokenizer import encode_texts, load_tokenizer
-from cognate.eval import metrics, tasks
+from cognate.eval import lm_eval_tasks, metrics, tasks
 from cognate.eval.sandbox import check_mbpp_solution, describe_isolation
 from cognate.eval.tasks import Example, HeldOutSplit, SourceUnavailable
-from cognate.export.model_dir import load_model_dir
+from cognate.export.model_dir import load_model_dir, tokenizer_sha256
 from cognate.model.model import IGNORE_INDEX, CognateModel
 
 REPORT_VERSION = 1
@@ -83,6 +82,10 @@ class EvalConfig:
     sandbox_timeout_s: float = 5.0
     sandbox_memory_mb: int = 512
     bf16: bool = False
+    lm_eval_dir: Path | None = (
+        None  # also run lm-evaluation-harness on the math and QA examples (tasks written here)
+    )
+    lm_eval_batch_size: int = 1
 
     def __post_init__(self) -> None:
         problems = [
@@ -94,6 +97,7 @@ class EvalConfig:
                 "code_new_tokens",
                 "qa_new_tokens",
                 "sample_new_tokens",
+                "lm_eval_batch_size",
             )
             if getattr(self, name) < 1
         ]
@@ -136,23 +140,27 @@ def evaluate_model_dir(
         raise EvalError(
             f"{model_dir} has no tokenizer.json: a model folder keeps the tokenizer it was trained with"
         )
-    tokenizer_sha256 = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
+    model_tokenizer = tokenizer_sha256(model_dir)  # of the native form: an hf_format folder's matches too
     if config.data is not None:
         data_sha256 = read_manifest(config.data)["tokenizer"]["sha256"]
-        if data_sha256 != tokenizer_sha256:
+        if data_sha256 != model_tokenizer:
             raise EvalError(
                 f"the tokenizer of {config.data} (sha256 {data_sha256[:12]}...) is not the model's "
-                f"({tokenizer_file}, sha256 {tokenizer_sha256[:12]}...): its token ids mean other text to this "
+                f"({tokenizer_file}, sha256 {model_tokenizer[:12]}...): its token ids mean other text to this "
                 "model; give the folder the model was trained on, or one prepared with --tokenizer MODEL_DIR"
             )
     model = load_model_dir(model_dir, device)
-    report = evaluate(model, load_tokenizer(model_dir), config, log)
-    report["model"] |= {"path": str(model_dir), "tokenizer_sha256": tokenizer_sha256}
+    hf_folder = model_dir / "hf_format" if (model_dir / "hf_format").is_dir() else model_dir
+    report = evaluate(model, load_tokenizer(model_dir), config, log, hf_folder=hf_folder)
+    report["model"] |= {"path": str(model_dir), "tokenizer_sha256": model_tokenizer}
     return report
 
 
-def evaluate(model: CognateModel, tokenizer, config: EvalConfig, log: Log = _stderr) -> dict:
-    """The report of `model` (in eval mode on its device) with its `tokenizer`; see docs/evaluation.md."""
+def evaluate(
+    model: CognateModel, tokenizer, config: EvalConfig, log: Log = _stderr, hf_folder: Path | None = None
+) -> dict:
+    """The report of `model` (in eval mode on its device) with its `tokenizer`; see docs/evaluation.md.
+    `hf_folder`: the model's Hugging Face layout, which lm-eval loads (needed with config.lm_eval_dir)."""
     model.eval()
     cfg = model.cfg
     report: dict = {
@@ -203,6 +211,12 @@ def evaluate(model: CognateModel, tokenizer, config: EvalConfig, log: Log = _std
     started = time.perf_counter()
     report["generation"] = generation_check(runner, config.sample_new_tokens)
     timings["generation"] = time.perf_counter() - started
+    if config.lm_eval_dir is not None:
+        if hf_folder is None:
+            raise EvalError("lm_eval_dir needs the model's Hugging Face folder (hf_folder)")
+        started = time.perf_counter()
+        report["lm_eval"] = lm_eval_section(run, report, hf_folder, str(_device(model)))
+        timings["lm_eval"] = time.perf_counter() - started
     if run.skips.counts:
         report["skipped_records"] = run.skips.to_json()
     report["skipped"] = skipped
@@ -431,6 +445,7 @@ class _TaskRun:
     skips: SkipLog  # malformed source records, skipped
     skipped: dict[str, str]  # section -> why it was not measured
     log: Log
+    examples: dict[str, list[Example]] = field(default_factory=dict)  # section -> the examples it scored
 
     def load_each(self, section: str, names: Sequence[str], load) -> dict[str, list[Example]]:
         """{name: examples} of the sources that are there and hold held-out examples; the rest go to `skipped`."""
@@ -463,6 +478,7 @@ def math_section(run: _TaskRun) -> dict | None:
         origin = {"synthetic": False, "split": run.split.to_json()}
     if not examples:
         return None
+    run.examples["math"] = [e for items in examples.values() for e in items]
     scored = {}
     for name, items in examples.items():
         completions, _ = run.runner.complete([e.prompt for e in items], config.math_new_tokens, MATH_STOPS)
@@ -533,6 +549,7 @@ def qa_section(run: _TaskRun) -> dict | None:
     examples = run.load_each("qa", tasks.QA_SOURCES, tasks.qa_examples)
     if not examples:
         return None
+    run.examples["qa"] = [e for items in examples.values() for e in items]
     scored = {}
     for name, items in examples.items():
         completions, truncated = run.runner.complete(
@@ -564,6 +581,56 @@ def qa_section(run: _TaskRun) -> dict | None:
         "f1": _pooled(scored, "f1"),
         "sources": scored,
     }
+
+
+def lm_eval_section(run: _TaskRun, report: dict, hf_folder: Path, device: str) -> dict:
+    """lm-evaluation-harness on the examples the math and QA sections scored, beside our figures.
+
+    `same_completions`: the share of examples whose lm-eval completion is ours, so that a difference between the
+    figures is known to come from the metrics (see cognate.eval.lm_eval_tasks), not from the generations. lm-eval
+    decodes without special tokens (a generated <|pad|>, say), which ours keep: they are left out of the comparison.
+    """
+    config = run.config
+    special = run.runner.tokenizer.all_special_tokens
+    plans = {
+        "math": (lm_eval_tasks.MATH_TASK, MATH_STOPS, config.math_new_tokens),
+        "qa": (lm_eval_tasks.QA_TASK, QA_STOPS, config.qa_new_tokens),
+    }
+    sections = [section for section in plans if run.examples.get(section)]
+    for section in sections:
+        task, stops, new_tokens = plans[section]
+        lm_eval_tasks.write_task(config.lm_eval_dir, task, run.examples[section], stops, new_tokens)
+    run.log(f"lm-eval: {', '.join(plans[s][0] for s in sections)} in {config.lm_eval_dir}")
+    figures, completions = lm_eval_tasks.run_lm_eval(
+        hf_folder, config.lm_eval_dir, [plans[s][0] for s in sections], device, config.lm_eval_batch_size
+    )
+    tasks_report = {}
+    for section in sections:
+        task = plans[section][0]
+        ours = [
+            _without(p["completion"], special)
+            for entry in report[section]["sources"].values()
+            for p in entry["predictions"]
+        ]
+        theirs = completions[task]
+        tasks_report[task] = {
+            "examples": len(ours),
+            "lm_eval": figures[task],
+            "ours": {"exact_match": report[section]["exact_match"]},
+            "same_completions": sum(a == b for a, b in zip(ours, theirs, strict=True)) / len(ours),
+        }
+    return {
+        "tasks_dir": str(config.lm_eval_dir),
+        "model": str(hf_folder),
+        "batch_size": config.lm_eval_batch_size,
+        "tasks": tasks_report,
+    }
+
+
+def _without(text: str, tokens: Sequence[str]) -> str:
+    for token in tokens:
+        text = text.replace(token, "")
+    return text
 
 
 def _accuracy(correct: list[bool]) -> dict:

@@ -7,23 +7,39 @@ training_stats.json    how the model was made and how it scored
 README.md              model card
 tokenizer files        tokenizer.json and its config
 hf_format/             self-contained Hugging Face folder (AutoModelForCausalLM, trust_remote_code=True)
+
+`load_model_dir` also reads the Hugging Face layout: an `hf_format/` folder, or what tools write from one (mergekit,
+`save_pretrained`): weight names prefixed `model.`, possibly sharded and in another dtype. `cognate convert` turns
+one layout into the other.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from cognate.export.hf import CODE_FILE, export_hf, hf_config_dict, modeling_source
+from cognate.data.tokenizer import load_tokenizer
+from cognate.export.hf import (
+    CODE_FILE,
+    NATIVE_POST_PROCESSOR,
+    export_hf,
+    hf_config_dict,
+    modeling_source,
+    native_tokenizer,
+)
 from cognate.model.config import HF_CONFIG_NAMES, CognateConfig
 from cognate.model.model import CognateModel
 from cognate.model.params import parameter_breakdown
 
 WEIGHTS = "model.safetensors"
 TORCH_WEIGHTS = "pytorch_model.bin"
+SHARD_INDEX = "model.safetensors.index.json"  # sharded safetensors, as transformers and mergekit write them
+HF_PREFIX = "model."  # the Hugging Face layout's weight names: CognateForCausalLM.model is the native model
 
 
 def config_from_hf_dict(values: dict) -> CognateConfig:
@@ -59,12 +75,51 @@ def save_model_dir(
 
 
 def load_model_dir(folder: Path, device: str | torch.device = "cpu") -> CognateModel:
-    """The native model from a model folder; weights from safetensors (never unpickled)."""
+    """The native model from a model folder of either layout; weights from safetensors (never unpickled)."""
     folder = Path(folder)
-    config = config_from_hf_dict(json.loads((folder / "config.json").read_text()))
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} is not a model folder (no config.json)")
+    config = config_from_hf_dict(json.loads(config_file.read_text()))
     model = CognateModel(config)
-    model.load_state_dict(load_file(folder / WEIGHTS, device=str(device)))
+    state, _ = read_weights(folder)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{folder}'s weights do not fit its config.json: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}"
+        )
     return model.to(device).eval()
+
+
+def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights of a model folder under their native names, and the folder's layout: "native" or "hf"."""
+    folder = Path(folder)
+    if (folder / SHARD_INDEX).is_file():
+        shards = sorted(set(json.loads((folder / SHARD_INDEX).read_text())["weight_map"].values()))
+        state = {name: t for shard in shards for name, t in load_file(folder / shard).items()}
+    elif (folder / WEIGHTS).is_file():
+        state = load_file(folder / WEIGHTS)
+    else:
+        raise FileNotFoundError(f"{folder} has no {WEIGHTS} (nor a sharded {SHARD_INDEX})")
+    if state and all(name.startswith(HF_PREFIX) for name in state):
+        return {name.removeprefix(HF_PREFIX): t for name, t in state.items()}, "hf"
+    return state, "native"
+
+
+def tokenizer_sha256(folder: Path) -> str:
+    """sha256 of the folder's tokenizer.json in its native form (an hf_format tokenizer's as `native_tokenizer`
+    restores it), so that both layouts of a model match the prepared data it was trained on."""
+    folder = Path(folder)
+    tokenizer_file = folder / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise FileNotFoundError(f"{folder} has no tokenizer.json")
+    config_file = folder / "tokenizer_config.json"
+    if config_file.is_file() and NATIVE_POST_PROCESSOR in json.loads(config_file.read_text()):
+        with tempfile.TemporaryDirectory() as tmp:
+            native_tokenizer(load_tokenizer(folder)).save_pretrained(tmp)
+            return hashlib.sha256((Path(tmp) / "tokenizer.json").read_bytes()).hexdigest()
+    return hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
 
 
 def model_card(config: CognateConfig, stats: dict) -> str:
@@ -97,7 +152,13 @@ Trained by `cognate pretrain` (seed {stats.get("seed", "?")}) on {stats.get("dat
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained("hf_format", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("hf_format")
+tokenizer = AutoTokenizer.from_pretrained("hf_format", trust_remote_code=True)
+prompts = ["Problem: 2 + 3 = ?\\nSolution:\\n", "Question: 7 - 4?\\nAnswer:"]
+inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+outputs = model.generate(**inputs, max_new_tokens=32)
+print(tokenizer.batch_decode(outputs, skip_special_tokens=True))
 ```
-or natively: `cognate generate --model . --prompt "Problem: ..."`.
+The tokenizer starts every text with `<|endoftext|>`, as every document started in training, and pads on the left;
+`generate` caches keys, values and memory, and gives the tokens of `cognate generate`, batched or not.
+Or natively: `cognate generate --model . --prompt "Problem: ..."`.
 """
