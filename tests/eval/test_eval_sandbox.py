@@ -284,14 +284,18 @@ ESCAPES = {
 }
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the run's processes are told apart by the throwaway uid root gives")
+@pytest.mark.skipif(
+    os.geteuid() != 0, reason="the run's processes are told apart by the throwaway uid root gives"
+)
 @pytest.mark.parametrize("namespaces", WITH_AND_WITHOUT_NAMESPACES)
 @pytest.mark.parametrize("escape", ESCAPES)
 def test_no_process_of_the_run_outlives_it_whatever_it_did(namespaces, escape):
     result = run(ESCAPES[escape], namespaces, audit_hook=False, timeout_s=1.5)
     uid = int(result.stdout.split()[0])
     assert uid != 0
-    survivors = [status.parent.name for status in Path("/proc").glob("[0-9]*/status") if _uid_of(status) == uid]
+    survivors = [
+        status.parent.name for status in Path("/proc").glob("[0-9]*/status") if _uid_of(status) == uid
+    ]
     assert survivors == [], f"{escape}: processes {survivors} of the run are still alive"
 
 
