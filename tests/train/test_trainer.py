@@ -2,6 +2,7 @@
 guard, early stopping, the run-folder guard, and torchrun (DDP on gloo) matching one process."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -169,7 +170,7 @@ def test_too_many_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoin
 
     def forward(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
-        if self.training:
+        if self.training and torch.is_grad_enabled():  # a training micro-batch, not the checkpoint's probe
             state["steps"] += 1
             if state["steps"] > 4:  # two good updates (2 micro-batches each), then only NaN
                 out.loss = out.loss * float("nan")
@@ -233,6 +234,44 @@ def test_a_run_folder_with_another_config_is_refused(data_dir, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_an_update_that_breaks_the_weights_never_overwrites_the_last_good_checkpoint(
+    data_dir, tmp_path, monkeypatch
+):
+    # The third update is finite (loss and gradient norm were computed before it) but leaves weights of 1e30, as
+    # lr=1e30 does: every later loss is non-finite.
+    build = trainer.build_optimizer
+
+    def build_breaking(model, config):
+        optimizer = build(model, config)
+        step, calls = optimizer.step, {"n": 0}
+
+        def breaking_step(*args, **kwargs):
+            step(*args, **kwargs)
+            calls["n"] += 1
+            if calls["n"] == 3:
+                with torch.no_grad():
+                    for parameter in model.parameters():
+                        parameter.fill_(1e30)
+
+        optimizer.step = breaking_step
+        return optimizer
+
+    monkeypatch.setattr(trainer, "build_optimizer", build_breaking)
+    config = TrainConfig(**{**TRAIN, "max_steps": 8, "max_nonfinite_steps": 3, "checkpoint_interval": 1})
+    run = tmp_path / "run"
+    with pytest.raises(trainer.NonFiniteTrainingError) as raised:
+        trainer.train(model_config(data_dir), config, data_dir, run, _single())
+    assert f"{run / trainer.CHECKPOINT} (step 2)" in str(raised.value)
+    saved = checkpoint.load(run / trainer.CHECKPOINT)
+    assert saved["progress"]["step"] == 2
+    assert all(t.abs().max() < 1e3 for t in saved["model"].values() if t.is_floating_point())
+
+    monkeypatch.setattr(trainer, "build_optimizer", build)
+    summary = trainer.train(model_config(data_dir), config, data_dir, run, _single(), resume=True)
+    assert summary["steps"] == 8 and summary["skipped_steps"] == 0
+    assert math.isfinite(summary["best_val_loss"])
+
+
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(data_dir, tmp_path):
     steps = 4
     single = tmp_path / "single"
