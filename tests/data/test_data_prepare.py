@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -185,6 +186,23 @@ def test_a_failure_after_writing_started_leaves_no_output(sample_dir, tmp_path, 
     with pytest.raises(RuntimeError, match="disk full"):
         prepare(PrepareConfig(out=tmp_path / "out", source_dir=sample_dir, **SMALL), log=lambda _: None)
     assert os.listdir(tmp_path) == []
+
+
+def test_folders_of_a_killed_prepare_are_removed_by_the_next_one(sample_dir, tmp_path):
+    dead = _a_dead_pid()
+    with subprocess.Popen(["sleep", "60"]) as alive:
+        kept = tmp_path / f".out.tmp-{alive.pid}"  # another prepare, still running
+        for folder in (tmp_path / f".out.tmp-{dead}", tmp_path / f".out.old-{dead}", kept):
+            (folder / "shards").mkdir(parents=True)
+        prepare(PrepareConfig(out=tmp_path / "out", source_dir=sample_dir, **SMALL), log=lambda _: None)
+        alive.kill()
+    assert sorted(os.listdir(tmp_path)) == sorted(["out", kept.name])
+
+
+def _a_dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
 
 
 def test_config_errors_name_the_field(sample_dir, tmp_path):

@@ -76,6 +76,7 @@ def prepare_run_dir(run_dir: Path, run_config: dict, *, resume: bool, overwrite:
     if overwrite and path.exists():  # only ever delete what is recognisably a run folder
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.remove_stale_temporaries(run_dir)  # a kill during a checkpoint write leaves its temporary file
     path.write_text(json.dumps(run_config, indent=2, sort_keys=True))
 
 
