@@ -203,7 +203,7 @@ def evaluate(model: CognateModel, tokenizer, config: EvalConfig, log: Log = _std
     started = time.perf_counter()
     report["generation"] = generation_check(runner, config.sample_new_tokens)
     timings["generation"] = time.perf_counter() - started
-    if run.skips.counts:
+    if run.skips.examples:  # records or whole files
         report["skipped_records"] = run.skips.to_json()
     report["skipped"] = skipped
     report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
