@@ -304,6 +304,28 @@ def test_sampler_shards_batches_across_ranks():
     assert len(set(seen[0].tolist()) | set(seen[1].tolist())) == 40
 
 
+def test_sampler_state_carries_over_to_another_number_of_processes():
+    def sampler(rank=0, world_size=1):
+        return MixedBatchSampler({"short": 40}, {"short": 2}, seed=3, rank=rank, world_size=world_size)
+
+    single = iter(sampler())
+    order = [next(single)[1].tolist() for _ in range(12)]  # the global order
+    pair = [sampler(rank, 2) for rank in range(2)]
+    streams = [iter(s) for s in pair]
+    for _ in range(3):  # 6 batches done by the two processes together
+        for stream in streams:
+            next(stream)
+    state = json.loads(json.dumps(pair[0].state_dict()))
+    assert state == pair[1].state_dict()
+    alone = sampler()
+    alone.load_state_dict(state)
+    resumed = iter(alone)
+    assert [next(resumed)[1].tolist() for _ in range(6)] == order[6:]
+    next(resumed)
+    with pytest.raises(ValueError, match="13 batches"):
+        sampler(0, 2).load_state_dict(alone.state_dict())
+
+
 # ------------------------------------------------------------------------------------------------ real data
 
 

@@ -126,3 +126,15 @@ def test_stale_checkpoint_temporaries_are_removed(tmp_path):
     stale.write_bytes(b"half a checkpoint")
     assert checkpoint.remove_stale_temporaries(tmp_path) == [stale]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_test_mode_gives_defaults_that_explicit_settings_override():
+    from argparse import Namespace
+
+    from cognate.train.commands import resolve_configs
+    from cognate.train.config import TEST_OVERRIDES
+
+    args = Namespace(preset="tiny", model=None, config=None, overrides=["grad_accum=4"], test=True)
+    _, train = resolve_configs(args)
+    assert train.grad_accum == 4  # what the user set
+    assert train.max_steps == TEST_OVERRIDES["max_steps"]  # what --test sets when the user did not

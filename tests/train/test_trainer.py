@@ -298,5 +298,45 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(dat
         assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.slow
+def test_torchrun_two_processes_resume_after_a_kill_where_they_stopped(data_dir, tmp_path):
+    # Both ranks take rank 0's decision to resume and its data position: the resumed 2-process run logs every step
+    # once and matches one process over the same global batch.
+    steps = 8
+    single = tmp_path / "single"
+    subprocess.run(cli_args(data_dir, single, steps, grad_accum=4), check=True, env=ENV, capture_output=True)
+    ddp = tmp_path / "ddp"
+
+    def torchrun(*extra: str) -> list[str]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        arguments = cli_args(data_dir, ddp, steps, grad_accum=2)[3:]
+        return [
+            "torchrun",
+            "--nproc_per_node=2",
+            f"--master_port={port}",
+            "-m",
+            "cognate.cli",
+            *arguments,
+            *extra,
+        ]
+
+    process = subprocess.Popen(
+        torchrun(), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    wait_for_step(ddp, steps // 2, process)
+    os.killpg(process.pid, signal.SIGKILL)  # torchrun and both ranks
+    process.wait()
+    resumed_from = checkpoint.load(ddp / trainer.CHECKPOINT)["progress"]["step"]
+    assert 1 <= resumed_from < steps
+    result = subprocess.run(torchrun("--resume"), env=ENV, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = losses(single), losses(ddp)
+    assert sorted(two) == list(range(1, steps + 1))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-5)
+
+
 def _single() -> Distributed:
     return Distributed(rank=0, world_size=1, device=torch.device("cpu"))

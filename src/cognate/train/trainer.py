@@ -116,7 +116,9 @@ def train(
         progress = _restore(run_dir / CHECKPOINT, model, optimizer, data, dist)
         if dist.is_main and (run_dir / SAMPLES).exists():
             truncate_after_step(run_dir / SAMPLES, progress.step)
-    # Memory and halting parameters sit idle on short inputs, so some steps leave them without gradients.
+    # Memory parameters sit idle on short inputs (below mem_min_seq_len), and one rank's micro-batch can be short
+    # while another's is long. With find_unused_parameters=False the two ranks then reduce different buckets: the
+    # 2-process test run aborts in gloo ("Received data size doesn't match expected size", 281404 vs 8 bytes).
     ddp_model = DistributedDataParallel(model, find_unused_parameters=True) if dist.enabled else model
     forward = torch.compile(ddp_model) if config.compile else ddp_model
 
