@@ -18,6 +18,8 @@ from cognate.model.config import ConfigError
 class TrainConfig:
     seed: int = 42  # data order, dropout and (without init_from) the initialisation
     init_from: str | None = None  # start from these weights (a .safetensors file) instead of a fresh init
+    # Continue the optimizer state (moments, Grokfast's filter) saved in this checkpoint.pt, e.g. a warm-up's.
+    init_optimizer_from: str | None = None
     batch_size: int = (
         8  # short sequences per micro-batch and process (long micro-batches hold as many tokens)
     )

@@ -110,6 +110,8 @@ def train(
     if config.init_from is not None:
         model.load_state_dict(load_file(config.init_from, device=str(dist.device)))
     optimizer = build_optimizer(model, config)
+    if config.init_optimizer_from is not None:
+        _continue_optimizer_state(optimizer, Path(config.init_optimizer_from))
     data = TrainingData(data_dir, batch_size=config.batch_size, seed=config.seed, dist=dist)
     progress = Progress()
     if resume and _checkpoint_to_resume(run_dir, dist):
@@ -405,6 +407,16 @@ def _save(
         checkpoint.save_atomic(state, run_dir / CHECKPOINT)
     dist.barrier()
     return True
+
+
+def _continue_optimizer_state(optimizer, path: Path) -> None:
+    """Take the state of the optimizer saved in checkpoint `path` (moments, step counts, Grokfast's filter) and
+    keep this run's hyperparameters (its param_groups)."""
+    saved = checkpoint.load(path)["optimizer"]
+    ours = optimizer.state_dict()
+    if [len(g["params"]) for g in saved["param_groups"]] != [len(g["params"]) for g in ours["param_groups"]]:
+        raise RunFolderError(f"{path}: its optimizer has other parameter groups than this run's")
+    optimizer.load_state_dict({**saved, "param_groups": ours["param_groups"]})
 
 
 def _restore(path: Path, model, optimizer, data: TrainingData, dist: Distributed) -> Progress:
