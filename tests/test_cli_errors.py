@@ -52,6 +52,11 @@ def _cases(folders: dict[str, Path]) -> list[tuple[list[str], int, str]]:
             ([*command, "--set", f"init_from={truncated / WEIGHTS}"], 1, str(truncated / WEIGHTS)),
         ]
     cases.append((["train", *run, "--tensorboard"], 2, "--tensorboard"))
+    (root / "badprep").mkdir(exist_ok=True)
+    (root / "badprep" / "manifest.json").write_text("{")
+    cases.append(
+        (["train", *run, "--data", str(root / "badprep")], 1, str(root / "badprep" / "manifest.json"))
+    )
     for folder, name in ((truncated, WEIGHTS), (malformed, "config.json")):
         cases += [
             (["eval", "--model", str(folder)], 1, str(folder / name)),

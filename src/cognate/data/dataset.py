@@ -11,7 +11,6 @@ starts another document). See docs/data.md for the on-disk layout.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 
 from cognate.data.packing import loss_targets
 from cognate.data.tokenizer import SpecialTokenIds
+from cognate.errors import read_json_object
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "validation")
@@ -30,7 +30,7 @@ def read_manifest(folder: str | Path) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: prepare the folder with `cognate data prepare`")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json_object(path)  # a malformed manifest is an error naming it
 
 
 class PackedDataset(torch.utils.data.Dataset):
