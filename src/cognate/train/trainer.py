@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
 from cognate.data.tokenizer import load_tokenizer
-from cognate.model.config import CognateConfig
+from cognate.model.config import CognateConfig, ConfigError
 from cognate.model.model import CognateModel
 from cognate.train import checkpoint
 from cognate.train.config import TrainConfig
@@ -391,7 +391,7 @@ def _save(
     if not _weights_are_sound(model, data, autocast, dist):
         if dist.is_main:
             print(
-                f"step {progress.step}: non-finite weights or validation loss; keeping the checkpoint already in "
+                f"step {progress.step}: the weights, or the loss at them, are not finite; not saving them over "
                 f"{run_dir / CHECKPOINT}",
                 flush=True,
             )
@@ -415,7 +415,9 @@ def _continue_optimizer_state(optimizer, path: Path) -> None:
     saved = checkpoint.load(path)["optimizer"]
     ours = optimizer.state_dict()
     if [len(g["params"]) for g in saved["param_groups"]] != [len(g["params"]) for g in ours["param_groups"]]:
-        raise RunFolderError(f"{path}: its optimizer has other parameter groups than this run's")
+        raise ConfigError(
+            f"init_optimizer_from={path}: its optimizer has other parameter groups than this run's"
+        )
     optimizer.load_state_dict({**saved, "param_groups": ours["param_groups"]})
 
 
