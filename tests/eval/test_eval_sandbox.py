@@ -341,6 +341,7 @@ def test_mbpp_tracing_and_memory_reads_are_refused_during_a_check():
     for attack in [
         "import sys; sys.settrace(lambda *args: None)",
         "open('/proc/self/mem', 'rb')",
+        "import os; os.chdir('/proc'); open('self/mem', 'rb')",
         "import gc; gc.get_objects()",
     ]:
         result = check_mbpp_solution(ADD + "\n" + attack, ADD_TESTS)

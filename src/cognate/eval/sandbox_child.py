@@ -281,7 +281,7 @@ def install_completion_signal(token: bytes, completion_fd: int) -> None:
     """Write `token` to `completion_fd` once the harness frame that raised the begin event raises the completion
     event (see the module docstring). Also refuses what could reach the token or move that frame: tracing,
     object-graph walks, native code and reading process memory."""
-    write, getframe = os.write, sys._getframe
+    write, getframe, fsdecode, realpath = os.write, sys._getframe, os.fsdecode, os.path.realpath
     harness_frame = []
 
     def hook(event: str, args: tuple) -> None:
@@ -294,8 +294,8 @@ def install_completion_signal(token: bytes, completion_fd: int) -> None:
         elif event in ("sys.settrace", "sys.setprofile") or event.startswith(("gc.get_", "ctypes.")):
             raise PermissionError(f"sandbox: {event} is not allowed")
         elif event == "open" and isinstance(args[0], (str, bytes)):
-            path = os.fsdecode(args[0])
-            if path.startswith("/proc/") and path.rstrip("/").endswith(("/mem", "/map_files")):
+            path = realpath(fsdecode(args[0]))  # /proc/self/mem, or "self/mem" from /proc, alike
+            if path.startswith("/proc/") and path.endswith(("/mem", "/map_files")):
                 raise PermissionError(f"sandbox: open of {path!r} is not allowed")
 
     sys.addaudithook(hook)
