@@ -222,3 +222,21 @@ def test_a_rerun_resumes_an_unfinished_seed_from_its_checkpoint(pretrained, tmp_
 
 def _single() -> Distributed:
     return Distributed(rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def test_seeds_continue_the_warm_ups_optimizer_state(pretrained):
+    out = pretrained[2]
+    from cognate.train import checkpoint
+
+    def adamw_steps(state: dict) -> dict[int, int]:
+        return {
+            key: int(entry["step"]) for key, entry in state["optimizer"]["state"].items() if "step" in entry
+        }
+
+    warmup = checkpoint.load(out / "shared-warmup" / "checkpoint.pt")
+    assert max(adamw_steps(warmup).values()) == warmup["progress"]["step"] > 0
+    for index in (1, 2, 3):
+        seed = checkpoint.load(out / f"tiny-model-{index}" / "run" / "checkpoint.pt")
+        # A fresh optimizer could count at most the seed's own updates; the embeddings are updated at every step.
+        total = warmup["progress"]["step"] + seed["progress"]["step"]
+        assert max(adamw_steps(seed).values()) == total

@@ -76,13 +76,17 @@ def pretrain(plan: PretrainPlan, data_dir: Path, out: Path, dist: Distributed) -
     timings: dict[str, float] = {}
     start = time.perf_counter()
     shared_weights = _shared_start(plan, data_dir, out, dist)
+    warmup_checkpoint = out / WARMUP_DIR / trainer.CHECKPOINT
+    shared_optimizer = warmup_checkpoint if plan.warmup_tokens > 0 and warmup_checkpoint.exists() else None
     timings["shared_warmup_s"] = time.perf_counter() - start
 
     results = []
     for index, seed in enumerate(plan.seeds, start=1):
         seed_start = time.perf_counter()
         try:
-            results.append(_train_seed(plan, index, seed, shared_weights, data_dir, out, dist))
+            results.append(
+                _train_seed(plan, index, seed, (shared_weights, shared_optimizer), data_dir, out, dist)
+            )
         except Exception as error:  # one failed seed is reported, not hidden, and does not stop the others
             if dist.enabled:
                 raise  # under torchrun a rank that went on alone would pair its collectives with another seed's
@@ -160,11 +164,14 @@ def _train_seed(
     plan: PretrainPlan,
     index: int,
     seed: int,
-    shared_weights: Path,
+    shared_start: tuple[Path, Path | None],
     data_dir: Path,
     out: Path,
     dist: Distributed,
 ) -> dict:
+    """Train one seed from the shared start: the warm-up's weights and, when there was a warm-up, its optimizer
+    state (the seeds continue its moments rather than re-warming fresh ones)."""
+    shared_weights, shared_optimizer = shared_start
     name = model_name(plan, index)
     folder = out / name
     stats_path = folder / "training_stats.json"
@@ -180,6 +187,7 @@ def _train_seed(
     config = plan.train.replace(
         seed=seed,
         init_from=str(shared_weights),
+        init_optimizer_from=str(shared_optimizer) if shared_optimizer is not None else None,
         max_tokens=plan.seed_tokens,
         warmup_tokens=min(plan.train.warmup_tokens, plan.seed_tokens // 2),
     )
@@ -196,7 +204,11 @@ def _train_seed(
         "completed": True,
         "synthetic": _synthetic(data_dir),
         "data": str(data_dir),
-        "init": {"shared_weights": str(shared_weights), "init_seed": INIT_SEED},
+        "init": {
+            "shared_weights": str(shared_weights),
+            "shared_optimizer_state": str(shared_optimizer) if shared_optimizer is not None else None,
+            "init_seed": INIT_SEED,
+        },
         "training": summary,
         "metrics": metrics,
         "config_hash": config_hash(plan.model),

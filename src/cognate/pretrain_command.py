@@ -38,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
     from cognate.train.commands import resolve_configs
     from cognate.train.data import ensure_data, tokenizer_vocab_size
 
+    resolve_configs(
+        args, train_defaults=TRAIN_DEFAULTS.get(args.preset)
+    )  # checked before anything is written
     dist = distributed.setup(args.device)
     try:
         data_dir = ensure_data(args.data, dist)

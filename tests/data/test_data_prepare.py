@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -187,6 +188,23 @@ def test_a_failure_after_writing_started_leaves_no_output(sample_dir, tmp_path, 
     assert os.listdir(tmp_path) == []
 
 
+def test_folders_of_a_killed_prepare_are_removed_by_the_next_one(sample_dir, tmp_path):
+    dead = _a_dead_pid()
+    with subprocess.Popen(["sleep", "60"]) as alive:
+        kept = tmp_path / f".out.tmp-{alive.pid}"  # another prepare, still running
+        for folder in (tmp_path / f".out.tmp-{dead}", tmp_path / f".out.old-{dead}", kept):
+            (folder / "shards").mkdir(parents=True)
+        prepare(PrepareConfig(out=tmp_path / "out", source_dir=sample_dir, **SMALL), log=lambda _: None)
+        alive.kill()
+    assert sorted(os.listdir(tmp_path)) == sorted(["out", kept.name])
+
+
+def _a_dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
 def test_config_errors_name_the_field(sample_dir, tmp_path):
     with pytest.raises(ConfigError, match="short_ratio"):
         PrepareConfig(out=tmp_path, builtin=True, short_ratio=1.5)
@@ -284,6 +302,28 @@ def test_sampler_shards_batches_across_ranks():
     seen = [np.concatenate([next(it)[1] for it in [iter(s)] for _ in range(5)]) for s in ranks]
     assert not set(seen[0].tolist()) & set(seen[1].tolist())
     assert len(set(seen[0].tolist()) | set(seen[1].tolist())) == 40
+
+
+def test_sampler_state_carries_over_to_another_number_of_processes():
+    def sampler(rank=0, world_size=1):
+        return MixedBatchSampler({"short": 40}, {"short": 2}, seed=3, rank=rank, world_size=world_size)
+
+    single = iter(sampler())
+    order = [next(single)[1].tolist() for _ in range(12)]  # the global order
+    pair = [sampler(rank, 2) for rank in range(2)]
+    streams = [iter(s) for s in pair]
+    for _ in range(3):  # 6 batches done by the two processes together
+        for stream in streams:
+            next(stream)
+    state = json.loads(json.dumps(pair[0].state_dict()))
+    assert state == pair[1].state_dict()
+    alone = sampler()
+    alone.load_state_dict(state)
+    resumed = iter(alone)
+    assert [next(resumed)[1].tolist() for _ in range(6)] == order[6:]
+    next(resumed)
+    with pytest.raises(ValueError, match="13 batches"):
+        sampler(0, 2).load_state_dict(alone.state_dict())
 
 
 # ------------------------------------------------------------------------------------------------ real data

@@ -1,5 +1,7 @@
 """Each source's loader on small files in its published format, and the hub path's mapping to the same records."""
 
+import csv
+import io
 import json
 from pathlib import Path
 
@@ -253,7 +255,54 @@ def test_skip_bad_also_survives_a_broken_file(tmp_path):
     folder = bad_copy(tmp_path, "asdiv/ASDiv.xml", "<ProblemSet><Problem>")
     skips = SkipLog()
     assert load("asdiv", folder, skips).documents == []
-    assert skips.counts == {"asdiv": 1}
+    assert skips.files == {"asdiv": 1} and skips.counts == {}  # its records could not be counted
+    assert skips.to_json()["asdiv"]["files_dropped"] == 1
+
+
+def _svamp_csv(rows: list[dict]) -> bytes:
+    out = io.StringIO(newline="")
+    writer = csv.DictWriter(out, fieldnames=list(svamp_row(0)), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue().encode()
+
+
+def _spoil(data: bytes, needle: str, replacement: bytes) -> bytes:
+    assert needle.encode() in data
+    return data.replace(needle.encode(), replacement, 1)
+
+
+def test_skip_bad_counts_every_record_it_drops_and_no_other(tmp_path):
+    relative = "svamp/mawps-asdiv-a_svamp/train.csv"
+    rows = [svamp_row(i) for i in range(60)]
+    clean = len(load("svamp", bad_copy(tmp_path / "clean", relative, _svamp_csv(rows).decode())).documents)
+    rows[10] = {**rows[10], "Body": "x" * 200_000}  # over the CSV module's 128 KB field limit
+    rows[40] = {**rows[40], "Equation": "+ " * 5000 + "number0 " * 5001}  # recursion deeper than Python's
+    data = _svamp_csv(rows)
+    data = _spoil(data, "for class 20 ", b"for class 20 \xff")  # not UTF-8
+    data = _spoil(data, "for class 30 ", b"for class 30 \x00")  # a NUL byte
+    path = tmp_path / "bad" / relative
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    skips = SkipLog()
+    kept = len(load("svamp", tmp_path / "bad", skips).documents)
+    assert skips.counts == {"svamp": clean - kept} and clean - kept == 4, skips.examples
+    assert skips.files == {}
+    with pytest.raises(DataFormatError, match=rf"{relative}:12: malformed CSV \(field larger"):
+        load("svamp", tmp_path / "bad")
+
+
+def test_deep_nesting_is_one_error_with_file_and_line(tmp_path):
+    lines = [json.dumps(gsm8k_row(0)), "[" * 100_000 + "]" * 100_000, json.dumps(gsm8k_row(1))]
+    folder = bad_copy(tmp_path, "gsm8k/train.jsonl", "\n".join(lines) + "\n")
+    with pytest.raises(DataFormatError, match=r"^gsm8k/train.jsonl:2: nested too deeply"):
+        load("gsm8k", folder)
+    skips = SkipLog()
+    assert len(load("gsm8k", folder, skips).documents) == 2 and skips.counts == {"gsm8k": 1}
+    row = {**svamp_row(0), "Equation": "+ " * 5000 + "number0 " * 5001}
+    folder = bad_copy(tmp_path / "svamp", "svamp/mawps-asdiv-a_svamp/train.csv", _svamp_csv([row]).decode())
+    with pytest.raises(DataFormatError, match=r"train.csv:2: nested too deeply"):
+        load("svamp", folder)
 
 
 # ------------------------------------------------------------------------------------------------ hub path

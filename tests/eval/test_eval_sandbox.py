@@ -302,3 +302,102 @@ def test_mbpp_reference_solutions_pass_and_swapped_ones_fail():
         assert result.passed, (problem["task_id"], result.stderr)
     for problem, other in itertools.pairwise(problems):
         assert not check_mbpp_solution(other["code"], problem["test_list"], problem["test_setup_code"]).passed
+
+
+# Each leaves a process behind that tries to outlive the run; the first needs no fork, so the audit hook allows it.
+ESCAPES = {
+    "setsid-and-sleep": """
+        import os, time
+        os.setsid()
+        print(os.getuid(), flush=True)
+        time.sleep(60)
+    """,
+    "child-in-a-new-session": """
+        import os, time
+        if os.fork() == 0:
+            os.setsid()
+            time.sleep(60)
+        print(os.getuid(), flush=True)
+    """,
+    "double-fork": """
+        import os, time
+        if os.fork() == 0:
+            if os.fork() == 0:
+                os.setsid()
+                time.sleep(60)
+            os._exit(0)
+        os.wait()
+        print(os.getuid(), flush=True)
+    """,
+    "child-changes-process-group": """
+        import os, time
+        if os.fork() == 0:
+            os.setpgid(0, 0)
+            time.sleep(60)
+        print(os.getuid(), flush=True)
+    """,
+}
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0, reason="the run's processes are told apart by the throwaway uid root gives"
+)
+@pytest.mark.parametrize("namespaces", WITH_AND_WITHOUT_NAMESPACES)
+@pytest.mark.parametrize("escape", ESCAPES)
+def test_no_process_of_the_run_outlives_it_whatever_it_did(namespaces, escape):
+    result = run(ESCAPES[escape], namespaces, audit_hook=False, timeout_s=1.5)
+    uid = int(result.stdout.split()[0])
+    assert uid != 0
+    survivors = [
+        status.parent.name for status in Path("/proc").glob("[0-9]*/status") if _uid_of(status) == uid
+    ]
+    assert survivors == [], f"{escape}: processes {survivors} of the run are still alive"
+
+
+# A wrong solution that then tries every way of faking completion: the candidate's source and constants, every
+# string in the frames of the harness below it, written to stdout and to every descriptor, the completion event
+# raised by itself and by calling the harness again, and an early exit with status 0.
+FORGERIES = """
+import linecache, os, sys
+found = {line.strip() for lines in [entry[2] for entry in linecache.cache.values()] for line in lines}
+frame = sys._getframe(0)
+while frame is not None:
+    for value in list(frame.f_locals.values()) + list(frame.f_globals.values()):
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
+        found.update(item for item in items if isinstance(item, (str, bytes)))
+    frame = frame.f_back
+for text in found:
+    data = text if isinstance(text, bytes) else text.encode()
+    print(data)
+    for fd in range(3, 40):
+        try:
+            os.write(fd, data)
+        except OSError:
+            pass
+sys.audit("cognate.sandbox.completed")
+harness = sys._getframe(1).f_globals.get("run_program")
+if harness is not None:
+    harness(["pass"], completion=True)
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+def test_mbpp_a_wrong_solution_cannot_forge_completion():
+    wrong = "def add(a, b):\n    return a - b\n"
+    result = check_mbpp_solution(wrong + FORGERIES, ADD_TESTS)
+    assert result.returncode == 0 and result.stdout, result.stderr  # the forgeries ran to the end
+    assert not result.completed and not result.passed
+    # The same forgeries after a correct solution's asserts have run change nothing either way.
+    assert check_mbpp_solution(ADD, [*ADD_TESTS, "import sys; sys.stdout.flush()"]).passed
+
+
+def test_mbpp_tracing_and_memory_reads_are_refused_during_a_check():
+    for attack in [
+        "import sys; sys.settrace(lambda *args: None)",
+        "open('/proc/self/mem', 'rb')",
+        "import os; os.chdir('/proc'); open('self/mem', 'rb')",
+        "import gc; gc.get_objects()",
+    ]:
+        result = check_mbpp_solution(ADD + "\n" + attack, ADD_TESTS)
+        assert not result.passed and "not allowed" in result.stderr, attack

@@ -107,3 +107,34 @@ def test_a_resumed_run_drops_log_rows_written_after_its_checkpoint(tmp_path):
     log.write_text("".join(json.dumps({"step": step, "completion": "x"}) + "\n" for step in (10, 20, 30)))
     assert [row["step"] for row in truncate_after_step(log, 20)] == [10, 20]
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [10, 20]
+
+
+def test_a_torn_last_log_line_is_dropped_and_a_malformed_middle_line_is_named(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    whole = "".join(json.dumps({"step": step, "loss": 1.0}) + "\n" for step in (1, 2))
+    log.write_text(whole + '{"step": 3, "lo')  # killed in the middle of writing step 3
+    assert [row["step"] for row in truncate_after_step(log, 5)] == [1, 2]
+    assert log.read_text() == whole
+    log.write_text('{"step": 1}\n{"st\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON line"):
+        truncate_after_step(log, 5)
+
+
+def test_stale_checkpoint_temporaries_are_removed(tmp_path):
+    checkpoint.save_atomic({"x": torch.ones(1)}, tmp_path / "checkpoint.pt")
+    stale = tmp_path / ".checkpoint.pt.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    assert checkpoint.remove_stale_temporaries(tmp_path) == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_test_mode_gives_defaults_that_explicit_settings_override():
+    from argparse import Namespace
+
+    from cognate.train.commands import resolve_configs
+    from cognate.train.config import TEST_OVERRIDES
+
+    args = Namespace(preset="tiny", model=None, config=None, overrides=["grad_accum=4"], test=True)
+    _, train = resolve_configs(args)
+    assert train.grad_accum == 4  # what the user set
+    assert train.max_steps == TEST_OVERRIDES["max_steps"]  # what --test sets when the user did not

@@ -2,6 +2,7 @@
 guard, early stopping, the run-folder guard, and torchrun (DDP on gloo) matching one process."""
 
 import json
+import math
 import os
 import signal
 import socket
@@ -193,7 +194,7 @@ def test_too_many_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoin
 
     def forward(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
-        if self.training:
+        if self.training and torch.is_grad_enabled():  # a training micro-batch, not the checkpoint's probe
             state["steps"] += 1
             if state["steps"] > 4:  # two good updates (2 micro-batches each), then only NaN
                 out.loss = out.loss * float("nan")
@@ -256,6 +257,45 @@ def test_a_run_folder_with_another_config_is_refused(data_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_an_update_that_breaks_the_weights_never_overwrites_the_last_good_checkpoint(
+    data_dir, tmp_path, monkeypatch
+):
+    # The third update is finite (loss and gradient norm were computed before it) but leaves weights of 1e30, as
+    # lr=1e30 does: every later loss is non-finite.
+    build = trainer.build_optimizer
+
+    def build_breaking(model, config):
+        optimizer = build(model, config)
+        step, calls = optimizer.step, {"n": 0}
+
+        def breaking_step(*args, **kwargs):
+            step(*args, **kwargs)
+            calls["n"] += 1
+            if calls["n"] == 3:
+                with torch.no_grad():
+                    for parameter in model.parameters():
+                        parameter.fill_(1e30)
+
+        optimizer.step = breaking_step
+        return optimizer
+
+    monkeypatch.setattr(trainer, "build_optimizer", build_breaking)
+    config = TrainConfig(**{**TRAIN, "max_steps": 8, "max_nonfinite_steps": 3, "checkpoint_interval": 1})
+    run = tmp_path / "run"
+    with pytest.raises(trainer.NonFiniteTrainingError) as raised:
+        trainer.train(model_config(data_dir), config, data_dir, run, _single())
+    assert f"{run / trainer.CHECKPOINT} (step 2)" in str(raised.value)
+    saved = checkpoint.load(run / trainer.CHECKPOINT)
+    assert saved["progress"]["step"] == 2
+    assert all(t.abs().max() < 1e3 for t in saved["model"].values() if t.is_floating_point())
+
+    monkeypatch.setattr(trainer, "build_optimizer", build)
+    summary = trainer.train(model_config(data_dir), config, data_dir, run, _single(), resume=True)
+    assert summary["steps"] == 8 and summary["skipped_steps"] == 0
+    assert math.isfinite(summary["best_val_loss"])
+
+
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(data_dir, tmp_path):
     steps = 4
     single = tmp_path / "single"
@@ -284,11 +324,53 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(dat
         assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.slow
+def test_torchrun_two_processes_resume_after_a_kill_where_they_stopped(data_dir, tmp_path):
+    # Both ranks take rank 0's decision to resume and its data position: the resumed 2-process run logs every step
+    # once and matches one process over the same global batch.
+    steps = 8
+    single = tmp_path / "single"
+    subprocess.run(cli_args(data_dir, single, steps, grad_accum=4), check=True, env=ENV, capture_output=True)
+    ddp = tmp_path / "ddp"
+
+    def torchrun(*extra: str) -> list[str]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        arguments = cli_args(data_dir, ddp, steps, grad_accum=2)[3:]
+        return [
+            "torchrun",
+            "--nproc_per_node=2",
+            f"--master_port={port}",
+            "-m",
+            "cognate.cli",
+            *arguments,
+            *extra,
+        ]
+
+    process = subprocess.Popen(
+        torchrun(), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    wait_for_step(ddp, steps // 2, process)
+    os.killpg(process.pid, signal.SIGKILL)  # torchrun and both ranks
+    process.wait()
+    resumed_from = checkpoint.load(ddp / trainer.CHECKPOINT)["progress"]["step"]
+    assert 1 <= resumed_from < steps
+    result = subprocess.run(torchrun("--resume"), env=ENV, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = losses(single), losses(ddp)
+    assert sorted(two) == list(range(1, steps + 1))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-5)
+
+
 def _single() -> Distributed:
     return Distributed(rank=0, world_size=1, device=torch.device("cpu"))
 
 
-def test_auto_precision_is_measured_recorded_and_kept_by_a_resumed_run(data_dir, tmp_path, monkeypatch, capsys):
+def test_auto_precision_is_measured_recorded_and_kept_by_a_resumed_run(
+    data_dir, tmp_path, monkeypatch, capsys
+):
     from cognate.train import precision
 
     def fake_peaks(bf16_peak: float, fp32_peak: float) -> None:

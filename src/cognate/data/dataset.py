@@ -11,7 +11,6 @@ starts another document). See docs/data.md for the on-disk layout.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 
 from cognate.data.packing import loss_targets
 from cognate.data.tokenizer import SpecialTokenIds
+from cognate.errors import read_json_object
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "validation")
@@ -30,7 +30,7 @@ def read_manifest(folder: str | Path) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: prepare the folder with `cognate data prepare`")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json_object(path)  # a malformed manifest is an error naming it
 
 
 class PackedDataset(torch.utils.data.Dataset):
@@ -86,7 +86,9 @@ class MixedBatchSampler:
     One epoch uses every row once: each kind's rows are shuffled and cut into batches of that kind's size, and
     the batches of both kinds are shuffled together, so short and long batches interleave and each kind's share
     of tokens over an epoch is its share in the data. The order is a function of (seed, epoch) only; the state
-    is (epoch, batches done in it). With `world_size` > 1, rank r takes batches r, r + world_size, ...
+    is (epoch, batches done in it by all ranks together). With `world_size` > 1, rank r takes batches r,
+    r + world_size, ...; the state does not depend on world_size, so a run can resume on another number of
+    processes when the batches done are a multiple of it.
     """
 
     def __init__(
@@ -133,9 +135,20 @@ class MixedBatchSampler:
             self.epoch, self.position = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+        return {"epoch": self.epoch, "batches_done": self.position * self.world_size, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
         if state["seed"] != self.seed:
             raise ValueError(f"sampler state is for seed {state['seed']}, this sampler has seed {self.seed}")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        # "position" (per process, for this world_size): what checkpoints held before "batches_done".
+        done = (
+            int(state["batches_done"])
+            if "batches_done" in state
+            else int(state["position"]) * self.world_size
+        )
+        if done % self.world_size:
+            raise ValueError(
+                f"the data order stopped after {done} batches of epoch {state['epoch']}, which {self.world_size} "
+                "processes cannot share evenly; resume with a number of processes that divides it"
+            )
+        self.epoch, self.position = int(state["epoch"]), done // self.world_size

@@ -207,6 +207,7 @@ def prepare(config: PrepareConfig, log: Callable[[str], None] = print) -> dict:
     special = special_token_ids(tokenizer)
     indices = {"train": np.arange(len(train_docs)), "validation": np.arange(len(train_docs), len(documents))}
 
+    remove_leftovers(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -402,6 +403,29 @@ def _manifest(
         "rows": rows,
         "shards": shards,
     }
+
+
+def remove_leftovers(out: Path) -> list[Path]:
+    """Delete the `.OUT.tmp-PID` and `.OUT.old-PID` folders of earlier runs that were killed (their process is
+    gone); a live process's folders are left alone. Returns what was deleted."""
+    removed = []
+    for leftover in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = leftover.name.removeprefix(f".{out.name}.").partition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        shutil.rmtree(leftover, ignore_errors=True)
+        removed.append(leftover)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
 
 
 def _replace(tmp: Path, out: Path) -> None:

@@ -125,7 +125,9 @@ def summary(manifest: dict, out: Path) -> str:
     if manifest["missing_sources"]:
         lines.append(f"missing sources: {manifest['missing_sources']}")
     if manifest["skipped_records"]:
-        counts = {name: entry["count"] for name, entry in manifest["skipped_records"].items()}
-        lines.append(f"skipped bad records: {counts}")
+        skipped = manifest["skipped_records"].items()
+        lines.append(f"skipped bad records: { {name: entry['count'] for name, entry in skipped} }")
+        if files := {name: entry["files_dropped"] for name, entry in skipped if "files_dropped" in entry}:
+            lines.append(f"files dropped after a file-level error (their records not counted): {files}")
     lines.append(f"wrote {out} (vocab_size {manifest['vocab_size']}; see {out}/manifest.json)")
     return "\n".join(lines)

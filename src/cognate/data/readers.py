@@ -1,8 +1,10 @@
 """Readers for the file formats the datasets were published in, each record tagged with where it came from.
 
 A reader yields `RawRecord`s (the record's fields under their original names) or, for a record it could not read,
-a `DataFormatError` in its place, so the caller decides between stopping and skipping. A file that cannot be read
-at all (wrong format, a missing CSV column, broken XML) raises the error instead.
+a `DataFormatError` in its place, so the caller decides between stopping and skipping, and a skipped record costs
+only itself: bytes that are not UTF-8, a NUL byte, an oversized CSV field or JSON nested too deeply spoil their
+record, not the file. A file that cannot be read at all (wrong format, a missing CSV column, broken XML, a JSON
+array that stops parsing) raises the error instead, and `SkipLog` counts it as a dropped file, not a record.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import xml.sax
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -58,25 +61,42 @@ ReadResult = RawRecord | DataFormatError
 
 @dataclass
 class SkipLog:
-    """Counts of skipped bad records per source, with the first few messages, for the manifest."""
+    """Skipped bad records per source (`counts`: each one a record that would otherwise have been read), files
+    dropped whole after a file-level error (`files`: their remaining records are not counted, since they could not
+    be read), and the first few messages, for the manifest."""
 
     keep_examples: int = 5
     counts: dict[str, int] = field(default_factory=dict)
+    files: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
 
     def add(self, source: str, error: DataFormatError) -> None:
         self.counts[source] = self.counts.get(source, 0) + 1
+        self._keep(source, str(error))
+
+    def add_file(self, source: str, error: DataFormatError) -> None:
+        self.files[source] = self.files.get(source, 0) + 1
+        self._keep(source, f"{error} (the rest of the file was dropped)")
+
+    def _keep(self, source: str, message: str) -> None:
         kept = self.examples.setdefault(source, [])
         if len(kept) < self.keep_examples:
-            kept.append(str(error))
+            kept.append(message)
 
     def to_json(self) -> dict:
-        return {name: {"count": n, "first": self.examples[name]} for name, n in sorted(self.counts.items())}
+        return {
+            name: {
+                "count": self.counts.get(name, 0),
+                **({"files_dropped": self.files[name]} if name in self.files else {}),
+                "first": self.examples[name],
+            }
+            for name in sorted(self.examples)
+        }
 
 
 def read_json_records(path: Path, shown: str) -> Iterator[ReadResult]:
     """JSON Lines, or one JSON array of objects; both are used by the published datasets (often under `.json`)."""
-    text = _read_text(path, shown)
+    text = _read_text(path)
     if text.lstrip().startswith("["):
         yield from _json_array_records(text, shown)
         return
@@ -84,10 +104,16 @@ def read_json_records(path: Path, shown: str) -> Iterator[ReadResult]:
         if not line.strip():
             continue
         location = Location(shown, number)
+        if _UNDECODABLE.search(line):
+            yield DataFormatError(location, NOT_UTF8)
+            continue
         try:
             value = json.loads(line)
         except json.JSONDecodeError as error:
             yield DataFormatError(location, f"not valid JSON ({error.msg} at column {error.colno})")
+            continue
+        except RecursionError:
+            yield DataFormatError(location, TOO_DEEP)
             continue
         yield _as_record(location, value)
 
@@ -101,13 +127,19 @@ def _json_array_records(text: str, shown: str) -> Iterator[ReadResult]:
         if position < len(text) and text[position] == "]":
             return
         location = Location(shown, text.count("\n", 0, position) + 1)
+        start = position
         try:
             value, position = decoder.raw_decode(text, position)
         except json.JSONDecodeError as error:
             raise DataFormatError(
                 Location(shown, error.lineno), f"not a valid JSON array ({error.msg})"
             ) from None
-        yield _as_record(location, value)
+        except RecursionError:  # where the element ends is unknown, so the array cannot go on
+            raise DataFormatError(location, f"not a valid JSON array ({TOO_DEEP})") from None
+        if _UNDECODABLE.search(text, start, position):
+            yield DataFormatError(location, NOT_UTF8)
+        else:
+            yield _as_record(location, value)
         position = _skip_whitespace(text, position)
         if position < len(text) and text[position] == ",":
             position += 1
@@ -129,21 +161,42 @@ def _as_record(location: Location, value: object) -> ReadResult:
 
 def read_csv_records(path: Path, shown: str, columns: tuple[str, ...]) -> Iterator[ReadResult]:
     """A CSV file with a header row that must name every one of `columns`."""
-    text = _read_text(path, shown)
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    header = reader.fieldnames or []
+    consumed = 0  # lines the CSV reader has taken: where the next record starts, and proof of progress
+
+    def lines():
+        nonlocal consumed
+        for line in io.StringIO(_read_text(path), newline=""):
+            consumed += 1
+            yield line
+
+    reader = csv.DictReader(lines())
+    try:
+        header = reader.fieldnames or []
+    except csv.Error as error:
+        raise DataFormatError(Location(shown, 1), f"malformed CSV header ({error})") from None
     for column in columns:
         if column not in header:
             raise DataFormatError(Location(shown, 1), f"missing CSV column (header: {header})", column)
-    try:
-        for row in reader:
-            location = Location(shown, reader.line_num)
-            if None in row or any(value is None for value in row.values()):
-                yield DataFormatError(location, f"expected {len(header)} CSV fields")
-                continue
+    while True:
+        first_line = consumed + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:  # e.g. a field over csv.field_size_limit(): the reader goes on after it
+            if consumed < first_line:  # it took no line: the rest cannot be read
+                raise DataFormatError(Location(shown, first_line), f"malformed CSV ({error})") from None
+            yield DataFormatError(Location(shown, first_line), f"malformed CSV ({error})")
+            continue
+        location = Location(shown, first_line)
+        if None in row or any(value is None for value in row.values()):
+            yield DataFormatError(location, f"expected {len(header)} CSV fields")
+        elif bad := next((name for name, value in row.items() if "\x00" in value), None):
+            yield DataFormatError(location, "a NUL byte in a CSV field", bad)
+        elif bad := next((name for name, value in row.items() if _UNDECODABLE.search(value)), None):
+            yield DataFormatError(location, NOT_UTF8, bad)
+        else:
             yield RawRecord(location, row)
-    except csv.Error as error:
-        raise DataFormatError(Location(shown, reader.line_num), f"malformed CSV ({error})") from None
 
 
 def read_xml_elements(path: Path, shown: str, element: str) -> Iterator[ReadResult]:
@@ -189,7 +242,7 @@ class _ElementCollector(xml.sax.ContentHandler):
 
 def read_parallel_lines(paths: dict[str, Path], shown: dict[str, str]) -> Iterator[ReadResult]:
     """Line i of each file together is record i (CodeXGLUE's buggy/fixed pairs); the files must be equally long."""
-    lines = {name: _read_text(path, shown[name]).splitlines() for name, path in paths.items()}
+    lines = {name: _read_text(path).splitlines() for name, path in paths.items()}
     counts = {name: len(values) for name, values in lines.items()}
     if len(set(counts.values())) > 1:
         shortest = min(counts, key=counts.get)
@@ -199,12 +252,18 @@ def read_parallel_lines(paths: dict[str, Path], shown: dict[str, str]) -> Iterat
         )
     first = next(iter(paths))
     for index, values in enumerate(zip(*lines.values(), strict=True)):
-        yield RawRecord(Location(shown[first], index + 1), dict(zip(lines, values, strict=True)))
+        location = Location(shown[first], index + 1)
+        if any(_UNDECODABLE.search(value) for value in values):
+            yield DataFormatError(location, NOT_UTF8)
+        else:
+            yield RawRecord(location, dict(zip(lines, values, strict=True)))
 
 
-def _read_text(path: Path, shown: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        line = path.read_bytes()[: error.start].count(b"\n") + 1
-        raise DataFormatError(Location(shown, line), "not UTF-8 text") from None
+NOT_UTF8 = "not UTF-8 text"
+TOO_DEEP = "nested too deeply to read"
+# Bytes that are not UTF-8, as `surrogateescape` decoding leaves them: each spoils only the record it is in.
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+
+
+def _read_text(path: Path) -> str:
+    return path.read_bytes().decode("utf-8", errors="surrogateescape")

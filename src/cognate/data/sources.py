@@ -534,7 +534,7 @@ def _guard_file_errors(source: Source, results: Iterator[ReadResult], skips: Ski
     except DataFormatError as error:
         if skips is None:
             raise
-        skips.add(source.name, error)
+        skips.add_file(source.name, error)
 
 
 def _assemble(source: Source, results, skips: SkipLog | None) -> LoadedSource:
@@ -572,6 +572,8 @@ def _parse(source: Source, result: ReadResult) -> Parsed:
         return source.parse(result.data)
     except FieldError as error:
         raise DataFormatError(result.location, error.message, error.field) from None
+    except RecursionError:  # e.g. an equation thousands of operators deep
+        raise DataFormatError(result.location, "nested too deeply to read") from None
 
 
 def _file_entry(folder: Path, path: str) -> dict:

@@ -217,7 +217,7 @@ def evaluate(
         started = time.perf_counter()
         report["lm_eval"] = lm_eval_section(run, report, hf_folder, str(_device(model)))
         timings["lm_eval"] = time.perf_counter() - started
-    if run.skips.counts:
+    if run.skips.examples:  # records or whole files
         report["skipped_records"] = run.skips.to_json()
     report["skipped"] = skipped
     report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}

@@ -4,7 +4,9 @@ The layers, each meant to hold if another fails (docs/evaluation.md says what ea
 
 1. A separate `python -I -S -B` process (isolated mode: no environment variables, no user or site packages, no
    current directory on the path) in a new session, with a clean environment, run in a fresh temporary folder
-   that is deleted afterwards; the whole process group is killed at the wall-clock timeout.
+   that is deleted afterwards. It is a supervisor (a child subreaper) that forks the program, ends it at the
+   wall-clock timeout and then kills every process it left, whatever session or process group they moved to
+   (`sandbox_child.py` says how).
 2. Linux namespaces, when `unshare` works here (probed once per process): a network namespace (only a downed
    loopback, so no network at all), a private mount namespace in which every mount is read-only except a
    size-limited tmpfs over the throwaway folder, a PID namespace with its own /proc (the program sees only its
@@ -38,6 +40,8 @@ from cognate.eval.sandbox_child import EXIT_CPU_TIME, EXIT_MEMORY, EXIT_SETUP_FA
 CHILD_SCRIPT = Path(__file__).with_name("sandbox_child.py")
 TAIL_BYTES = 8192
 MIN_MEMORY_MB = 64  # the interpreter itself needs about 30 MB of address space
+# How long past the timeout the parent waits for the supervisor before killing it itself.
+SUPERVISOR_GRACE_S = 5.0
 # A root parent runs the program under a uid in [base, base + span): far above the ranges systems hand out.
 THROWAWAY_UID_BASE = 1 << 30
 THROWAWAY_UID_SPAN = 1 << 24
@@ -50,7 +54,8 @@ class SandboxResult:
     `passed`: it exited with status 0 within its limits. `returncode` is negative when a signal killed it.
     `killed_reason`: None, or why it was stopped ("wall-clock timeout", "memory limit", "cpu time limit",
     "killed by SIGSEGV", "sandbox setup failed"). `stdout`/`stderr`: the last TAIL_BYTES of each stream.
-    `namespaces`: whether the namespace layer was in place.
+    `namespaces`: whether the namespace layer was in place. `completed`: for `check_mbpp_solution`, whether the
+    harness signalled that the last assert returned (always False for `run_untrusted`).
     """
 
     passed: bool
@@ -61,6 +66,7 @@ class SandboxResult:
     stderr: str
     duration_s: float
     namespaces: bool
+    completed: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,7 +115,7 @@ def run_untrusted(
     if namespaces and unavailable:
         raise RuntimeError(f"namespaces were required but are unavailable: {unavailable}")
     use_namespaces = unavailable is None if namespaces is None else namespaces
-    return _run(code, limits, use_namespaces=use_namespaces, audit_hook=audit_hook)
+    return _run([code], limits, use_namespaces=use_namespaces, audit_hook=audit_hook)
 
 
 def check_mbpp_solution(
@@ -123,13 +129,18 @@ def check_mbpp_solution(
     """Run an MBPP candidate followed by the task's asserts; `passed` means every assert ran and held.
 
     The order is candidate, setup, tests: MBPP's setup code uses what the solution defines (e.g. `Node`).
-    A marker printed after the last assert tells a completed run from one that exited early with status 0.
+    A random token that only the harness holds, written on a pipe of its own once the last assert returned,
+    tells a completed run from one that exited early with status 0; it is never part of the program text
+    (`sandbox_child.py` says how the candidate is kept from it).
     """
-    marker = f"cognate-mbpp-done-{secrets.token_hex(8)}"
-    program = "\n".join([code, test_setup_code, *test_list, f"print({marker!r})", ""])
-    result = run_untrusted(program, timeout_s=timeout_s, memory_mb=memory_mb)
-    completed = result.passed and result.stdout.rstrip().endswith(marker)
-    return replace(result, passed=completed)
+    if sys.platform != "linux":
+        raise RuntimeError(f"the sandbox needs Linux (rlimits, /proc, namespaces); this is {sys.platform}")
+    limits = SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb)
+    token = secrets.token_hex(16)
+    parts = [code, test_setup_code, *test_list]
+    use_namespaces = namespaces_unavailable_reason() is None
+    result = _run(parts, limits, use_namespaces=use_namespaces, audit_hook=True, completion_token=token)
+    return replace(result, passed=result.passed and result.completed)
 
 
 @functools.cache
@@ -139,7 +150,7 @@ def namespaces_unavailable_reason() -> str | None:
         return f"not Linux ({sys.platform})"
     if shutil.which("unshare") is None:
         return "the unshare command (util-linux) is not installed"
-    probe = _run("", SandboxLimits(timeout_s=30.0), use_namespaces=True, audit_hook=True)
+    probe = _run([""], SandboxLimits(timeout_s=30.0), use_namespaces=True, audit_hook=True)
     if probe.passed:
         return None
     return f"a probe run ended with {probe.killed_reason or probe.returncode}: {probe.stderr.strip()[-300:]}"
@@ -197,7 +208,19 @@ def _clean_environment(workdir: str) -> dict[str, str]:
     return {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
 
 
-def _run(code: str, limits: SandboxLimits, *, use_namespaces: bool, audit_hook: bool) -> SandboxResult:
+def _run(
+    parts: list[str],
+    limits: SandboxLimits,
+    *,
+    use_namespaces: bool,
+    audit_hook: bool,
+    completion_token: str | None = None,
+) -> SandboxResult:
+    """Run `parts` as one program. With `completion_token`, `completed` says whether the harness wrote it after
+    the last part returned."""
+    report_read, report_write = os.pipe()
+    completion_read, completion_write = os.pipe() if completion_token is not None else (None, None)
+    inherited = [fd for fd in (report_write, completion_write) if fd is not None]
     with (
         tempfile.TemporaryDirectory(prefix="cognate-sandbox-") as workdir,
         tempfile.TemporaryFile() as stdout,
@@ -208,45 +231,80 @@ def _run(code: str, limits: SandboxLimits, *, use_namespaces: bool, audit_hook: 
             "namespaces": use_namespaces,
             "parent_mount_namespace": os.readlink("/proc/self/ns/mnt"),
             "audit_hook": audit_hook,
+            "timeout_s": limits.timeout_s,
             "memory_mb": limits.memory_mb,
             "cpu_s": math.ceil(limits.timeout_s) + 1,  # CPU time can outrun wall time only with threads
             "disk_mb": limits.disk_mb,
             "max_processes": limits.max_processes,
             "throwaway_uid": _throwaway_uid(),
+            "report_fd": report_write,
+            "completion_fd": completion_write,
         }
+        request = {"parts": parts, "completion_token": completion_token}
         prefix = _unshare_command() if use_namespaces else []
         command = [*prefix, sys.executable, "-I", "-S", "-B", str(CHILD_SCRIPT), json.dumps(settings)]
         started = time.monotonic()
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.PIPE,
-            stdout=stdout,
-            stderr=stderr,
-            cwd=workdir,
-            env=_clean_environment(workdir),
-            start_new_session=True,
-        )
-        timed_out = False
         try:
-            process.communicate(code.encode("utf-8"), timeout=limits.timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.PIPE,
+                stdout=stdout,
+                stderr=stderr,
+                cwd=workdir,
+                env=_clean_environment(workdir),
+                start_new_session=True,
+                pass_fds=inherited,
+            )
         finally:
-            # The whole group, also when the program exited by itself: whatever it left behind goes too.
+            for fd in inherited:  # the read ends see EOF once every process of the run is gone
+                os.close(fd)
+        backstop_timed_out = False
+        try:
+            process.communicate(
+                json.dumps(request).encode("utf-8"), timeout=limits.timeout_s + SUPERVISOR_GRACE_S
+            )
+        except subprocess.TimeoutExpired:
+            backstop_timed_out = True  # the supervisor itself did not end in time (e.g. killed, or starved)
+        finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         duration_s = time.monotonic() - started
-        return SandboxResult(
-            passed=process.returncode == 0 and not timed_out,
-            returncode=process.returncode,
-            timed_out=timed_out,
-            killed_reason=_killed_reason(process.returncode, timed_out),
-            stdout=_tail(stdout),
-            stderr=_tail(stderr),
-            duration_s=duration_s,
-            namespaces=use_namespaces,
-        )
+        stdout_text, stderr_text = _tail(stdout), _tail(stderr)
+        report = _read_pipe(report_read)
+        completed = completion_token is not None and completion_token.encode() in _read_pipe(completion_read)
+    wait_status = json.loads(report)["wait_status"] if report else None
+    timed_out = backstop_timed_out or (bool(report) and wait_status is None)
+    if wait_status is not None:
+        returncode = os.waitstatus_to_exitcode(wait_status)
+    elif timed_out:
+        returncode = -signal.SIGKILL
+    else:  # no report: the supervisor itself failed
+        returncode = process.returncode
+    return SandboxResult(
+        passed=returncode == 0 and not timed_out,
+        returncode=returncode,
+        timed_out=timed_out,
+        killed_reason=_killed_reason(returncode, timed_out),
+        stdout=stdout_text,
+        stderr=stderr_text,
+        duration_s=duration_s,
+        namespaces=use_namespaces,
+        completed=completed,
+    )
+
+
+def _read_pipe(fd: int | None) -> bytes:
+    """Everything written to the pipe `fd` (whose writers are all gone), then closed."""
+    if fd is None:
+        return b""
+    chunks = []
+    with os.fdopen(fd, "rb") as pipe:
+        os.set_blocking(fd, False)
+        with contextlib.suppress(BlockingIOError):
+            while chunk := pipe.read(65536):
+                chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _killed_reason(returncode: int, timed_out: bool) -> str | None:

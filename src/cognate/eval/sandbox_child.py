@@ -1,13 +1,30 @@
 """The program that runs inside the sandbox; `sandbox.py` is the side that starts it.
 
-Started as `python -I -S -B sandbox_child.py SETTINGS_JSON` with the untrusted code on stdin. It uses only the
-standard library, confines itself (mounts, resource limits, credentials, audit hook) and only then executes the
-code, in a fresh `__main__` module. The parent imports this file for its exit codes and nothing else.
+Started as `python -I -S -B sandbox_child.py SETTINGS_JSON` with a JSON request on stdin: the program's parts
+(run one after another in one `__main__` module) and, for MBPP checks, a completion token. It uses only the
+standard library.
+
+Two processes: this one becomes a *supervisor* (a child subreaper, PR_SET_CHILD_SUBREAPER, so every descendant
+that loses its parent is re-parented to it rather than to init) and forks the *program* process, which confines
+itself (mounts, resource limits, credentials, audit hook) and only then executes the code. The supervisor
+enforces the wall-clock limit and then kills every descendant, whatever sessions or process groups they moved
+to: it SIGKILLs its children and reaps them until it has none; a killed child's own children become its
+children, so the loop ends only when the whole tree is gone. It reports the program's wait status on a pipe
+the parent passed (fd `report_fd`), which the program never holds. Under namespaces the supervisor is the PID
+namespace's first process, so its exit also takes down anything left, and `unshare --kill-child` kills it when
+the parent kills `unshare`.
+
+Completion token: the parts of an MBPP check are candidate, setup, asserts. The token never appears in the
+program text; it is kept only in a closure of an audit hook (which Python code cannot enumerate), and written to
+the completion pipe (fd `completion_fd`) when the harness's own frame raises the completion event after the
+last part returned. A candidate that raises the event itself, from any other frame, or calls the harness again,
+writes nothing; tracing (which could move the harness frame's line) and memory reads are refused.
 
 Order matters: everything the confinement needs is imported before it starts, because after the credentials
 change nothing may be imported until file access is restored, and after the audit hook is installed ctypes is off.
 """
 
+import contextlib
 import ctypes
 import json
 import linecache
@@ -15,6 +32,7 @@ import os
 import resource
 import signal
 import sys
+import time
 import traceback
 import types
 
@@ -24,9 +42,13 @@ EXIT_CPU_TIME = 121
 EXIT_SETUP_FAILED = 122
 
 PROGRAM_FILENAME = "<sandboxed>"
+COMPLETION_BEGIN_EVENT = "cognate.sandbox.begin"
+COMPLETION_EVENT = "cognate.sandbox.completed"
 
 # Linux constants (include/uapi/linux/{prctl,capability,mount,fcntl}.h).
+PR_SET_PDEATHSIG = 1
 PR_SET_KEEPCAPS = 8
+PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
 CAP_SETUID = 7
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -249,36 +271,169 @@ def confine(settings: dict) -> None:
         settings["memory_mb"], settings["cpu_s"], settings["disk_mb"], settings["max_processes"]
     )
     drop_privileges(libc, settings["throwaway_uid"])
+    # Die with the supervisor, should anything kill it (set after the uid change, which would clear it).
+    prctl(libc, PR_SET_PDEATHSIG, signal.SIGKILL)
     if settings["audit_hook"]:
         install_audit_hook(workdir)
 
 
-def run_program(code: str) -> None:
-    """Execute `code` as the `__main__` module, with its source available to tracebacks."""
+def install_completion_signal(token: bytes, completion_fd: int) -> None:
+    """Write `token` to `completion_fd` once the harness frame that raised the begin event raises the completion
+    event (see the module docstring). Also refuses what could reach the token or move that frame: tracing,
+    object-graph walks, native code and reading process memory."""
+    write, getframe, fsdecode, realpath = os.write, sys._getframe, os.fsdecode, os.path.realpath
+    harness_frame = []
+
+    def hook(event: str, args: tuple) -> None:
+        if event == COMPLETION_BEGIN_EVENT:
+            if not harness_frame:
+                harness_frame.append(getframe(1))
+        elif event == COMPLETION_EVENT:
+            if harness_frame and getframe(1) is harness_frame[0]:
+                write(completion_fd, token)
+        elif event in ("sys.settrace", "sys.setprofile") or event.startswith(("gc.get_", "ctypes.")):
+            raise PermissionError(f"sandbox: {event} is not allowed")
+        elif event == "open" and isinstance(args[0], (str, bytes)):
+            path = realpath(fsdecode(args[0]))  # /proc/self/mem, or "self/mem" from /proc, alike
+            if path.startswith("/proc/") and path.endswith(("/mem", "/map_files")):
+                raise PermissionError(f"sandbox: open of {path!r} is not allowed")
+
+    sys.addaudithook(hook)
+
+
+def run_program(parts: list[str], completion: bool) -> None:
+    """Execute `parts` in order as one `__main__` module, with their source available to tracebacks.
+
+    Every part is compiled before any runs, and `exec` is bound here, so the program cannot change what the
+    later parts (the asserts) are or how they run.
+    """
     module = types.ModuleType("__main__")
     module.__file__ = PROGRAM_FILENAME
     sys.modules["__main__"] = module
-    linecache.cache[PROGRAM_FILENAME] = (len(code), None, code.splitlines(keepends=True), PROGRAM_FILENAME)
+    source = "".join(part if part.endswith("\n") else part + "\n" for part in parts)
+    linecache.cache[PROGRAM_FILENAME] = (
+        len(source),
+        None,
+        source.splitlines(keepends=True),
+        PROGRAM_FILENAME,
+    )
+    run, audit = exec, sys.audit
     try:
-        exec(compile(code, PROGRAM_FILENAME, "exec"), module.__dict__)
+        compiled, line = [], 0
+        for part in parts:  # blank lines in front keep each part's line numbers those of `source`
+            compiled.append(compile("\n" * line + part, PROGRAM_FILENAME, "exec"))
+            line += part.count("\n") + (not part.endswith("\n"))
+        if completion:
+            audit(COMPLETION_BEGIN_EVENT)
+        for code in compiled:
+            run(code, module.__dict__)
     except MemoryError:
         os.write(2, b"MemoryError: the sandbox's memory limit was reached\n")
         os._exit(EXIT_MEMORY)
     except Exception as error:  # the program's own traceback, without this file's frames
         traceback.print_exception(type(error), error, error.__traceback__.tb_next)
         sys.exit(1)
+    if completion:
+        audit(COMPLETION_EVENT)
 
 
-def main() -> None:
-    settings = json.loads(sys.argv[1])
-    code = sys.stdin.buffer.read().decode("utf-8")
+def prepare(settings: dict) -> list[str]:
+    """Read the request, confine this process, arm the completion signal; returns the program's parts.
+
+    A completion token goes into the completion hook and nowhere else: the request is parsed here, so no frame
+    still running when the program starts holds it.
+    """
+    request = json.loads(sys.stdin.buffer.read().decode("utf-8"))
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # the program reads an empty stdin, not our pipe
+    confine(settings)
+    if request["completion_token"] is not None:
+        install_completion_signal(request["completion_token"].encode(), settings["completion_fd"])
+    return request["parts"]
+
+
+def run_confined(settings: dict) -> None:
+    """The program process: confine, then run the program. Never returns."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])  # the supervisor blocks SIGCHLD; the program must not
     try:
-        confine(settings)
+        parts = prepare(settings)
     except (OSError, ValueError) as error:
         print(f"sandbox setup failed: {error}", file=sys.stderr, flush=True)
         os._exit(EXIT_SETUP_FAILED)
-    run_program(code)
+    run_program(parts, completion=settings["completion_fd"] is not None)
+    sys.exit(0)  # a normal interpreter exit (threads joined, buffers flushed), never back into the supervisor
+
+
+def children_of(pid: int) -> list[int]:
+    """Live children of `pid`, from /proc (the namespace's own /proc when there is one)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except OSError:  # it ended while we looked
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(entry))
+    return children
+
+
+def kill_all_descendants() -> None:
+    """SIGKILL and reap children until there are none. As a subreaper we inherit the children of every child that
+    dies, so no descendant is left when waitpid reports that we have no children at all."""
+    me = os.getpid()
+    while True:
+        for child in children_of(me):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+
+
+def wait_for(pid: int, timeout_s: float) -> int | None:
+    """The wait status of child `pid`, or None when it is still running after `timeout_s`; reaps any other child
+    (orphans re-parented to us) on the way. SIGCHLD is blocked, so sigtimedwait sleeps until a child changes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        while True:
+            try:
+                reaped, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return None  # cannot happen while `pid` is unreaped
+            if reaped == 0:
+                break
+            if reaped == pid:
+                return status
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        signal.sigtimedwait([signal.SIGCHLD], min(remaining, 1.0))
+
+
+def supervise(settings: dict) -> None:
+    """Fork the program, wait for it within the wall-clock limit, kill everything it left, report. Never
+    returns."""
+    report_fd = settings["report_fd"]
+    prctl(ctypes.CDLL(None, use_errno=True), PR_SET_CHILD_SUBREAPER, 1)
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])
+    program = os.fork()
+    if program == 0:
+        os.close(report_fd)
+        run_confined(settings)
+    if settings["completion_fd"] is not None:
+        os.close(settings["completion_fd"])
+    os.close(0)  # only the program reads the request
+    status = wait_for(program, settings["timeout_s"])
+    kill_all_descendants()
+    os.write(report_fd, json.dumps({"wait_status": status}).encode())
+    os._exit(0)
+
+
+def main() -> None:
+    supervise(json.loads(sys.argv[1]))
 
 
 if __name__ == "__main__":

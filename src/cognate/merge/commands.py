@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from cognate.errors import UsageError, check_model_folder
 from cognate.merge.compat import check_compatible, tokenizer_hash
 from cognate.merge.evolve import evolve, save_history
 from cognate.merge.recipe import METHOD_PARAMS, Recipe, apply_recipe
@@ -46,13 +47,17 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = Recipe.load(args.recipe) if args.recipe else None
     folders = _folders(args, recipe)
+    if args.evolve and args.data is None:
+        raise UsageError("--evolve needs --data: the fitness is the validation loss on its held-out rows")
+    if recipe is None and not args.evolve:  # settings checked before any weights are read
+        recipe = _recipe_from_args(args, folders)
+    for folder in folders:
+        check_model_folder(folder)
     states = {str(folder): load_file(folder / WEIGHTS) for folder in folders}
     check_compatible(states, tokenizer_hashes={str(f): tokenizer_hash(f) for f in folders})
     template = load_model_dir(folders[0])
     history = None
     if args.evolve:
-        if args.data is None:
-            raise SystemExit("--evolve needs --data: the fitness is the validation loss on its held-out rows")
         fitness = validation_loss_fn(template, args.data, args.eval_batches)
         recipe, history = evolve(
             states,
@@ -62,8 +67,6 @@ def run(args: argparse.Namespace) -> int:
             method=args.method,
             base=str(args.base) if args.base else None,
         )
-    elif recipe is None:
-        recipe = _recipe_from_args(args, folders)
     merged = apply_recipe(recipe, states)
     template.load_state_dict(merged)
     stats = {"merge": {"recipe": str(args.out / "recipe.yaml"), "models": [str(f) for f in folders]}}
@@ -82,7 +85,7 @@ def _folders(args: argparse.Namespace, recipe: Recipe | None) -> list[Path]:
         names = [*recipe.models, *([recipe.base] if recipe.base else [])]
         return [Path(name) for name in names]
     if not args.models:
-        raise SystemExit("give --models (or --recipe)")
+        raise UsageError("give --models (or --recipe)")
     return [*args.models, *([args.base] if args.base else [])]
 
 

@@ -29,6 +29,15 @@ def save_atomic(obj: dict, path: Path) -> None:
     _fsync_dir(path.parent)
 
 
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete the temporary files `save_atomic` leaves when a process is killed mid-write (`.NAME.*.tmp`). Call
+    it only where no save into `directory` can be under way (at the start of a run, on rank 0)."""
+    stale = [path for path in Path(directory).glob(".*.tmp") if path.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def load(path: Path, map_location="cpu") -> dict:
     return torch.load(Path(path), map_location=map_location, weights_only=True)
 

@@ -8,8 +8,16 @@ import json
 import sys
 from pathlib import Path
 
+from cognate.errors import UsageError, check_safetensors
 from cognate.model.config import SPECIALIZATIONS, CognateConfig, get_preset, specialize
-from cognate.train.config import TEST_OVERRIDES, TrainConfig, load_yaml, parse_overrides, split_overrides
+from cognate.train.config import (
+    TEST_OVERRIDES,
+    TrainConfig,
+    check_field_types,
+    load_yaml,
+    parse_overrides,
+    split_overrides,
+)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,22 +57,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_configs(
     args: argparse.Namespace, vocab_size: int | None = None, train_defaults: dict | None = None
 ) -> tuple[CognateConfig, TrainConfig]:
-    """Preset, then specialization, then the caller's defaults, then the YAML file, then --set overrides, then
-    --test, in that order."""
+    """Preset, then specialization, then the caller's defaults, then --test's quick settings, then the YAML file,
+    then --set overrides, in that order: what the user sets explicitly wins (so a 2-process --test run can match a
+    1-process one's global batch). Every value's type is checked before any config is built."""
     model = get_preset(args.preset)
     if args.model:
         model = specialize(model, args.model)
     values = dict(train_defaults or {})
+    values.update(TEST_OVERRIDES if args.test else {})
     values.update(load_yaml(args.config) if args.config else {})
     values.update(parse_overrides(args.overrides))
     model_values, train_values = split_overrides(values, {f.name for f in dataclasses.fields(CognateConfig)})
     if vocab_size is not None and "vocab_size" not in model_values:
         model_values["vocab_size"] = vocab_size
+    check_field_types(CognateConfig, model_values)
     model = model.replace(**model_values)
     train = TrainConfig(**train_values)
-    if args.test:
-        train = train.replace(**TEST_OVERRIDES)
+    if train.init_from is not None:
+        check_safetensors(Path(train.init_from))
     return model, train
+
+
+def check_tensorboard(wanted: bool) -> None:
+    """Fail at once, not after the run's setup, when --tensorboard is asked for without the package."""
+    import importlib.util
+
+    if wanted and importlib.util.find_spec("tensorboard") is None:
+        raise UsageError("--tensorboard needs the tensorboard package: pip install 'cognate[tensorboard]'")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
     from cognate.train.data import ensure_data, tokenizer_vocab_size
     from cognate.train.trainer import train
 
+    check_tensorboard(args.tensorboard)
+    resolve_configs(args)  # every setting checked before anything is prepared or written
     dist = distributed.setup(args.device)
     try:
         data_dir = ensure_data(args.data, dist)

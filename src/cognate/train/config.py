@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +19,8 @@ from cognate.train.precision import validate_bf16_setting
 class TrainConfig:
     seed: int = 42  # data order, dropout and (without init_from) the initialisation
     init_from: str | None = None  # start from these weights (a .safetensors file) instead of a fresh init
+    # Continue the optimizer state (moments, Grokfast's filter) saved in this checkpoint.pt, e.g. a warm-up's.
+    init_optimizer_from: str | None = None
     batch_size: int = (
         8  # short sequences per micro-batch and process (long micro-batches hold as many tokens)
     )
@@ -58,6 +63,7 @@ class TrainConfig:
     sample_tokens: int = 32
 
     def __post_init__(self) -> None:
+        check_field_types(TrainConfig, self.__dict__)
         problems = []
         for name in (
             "batch_size",
@@ -108,6 +114,57 @@ TEST_OVERRIDES = dict(
 )
 
 
+def check_field_types(cls: type, values: dict) -> None:
+    """Raise a ConfigError naming every value in `values` that does not fit the type its field of dataclass `cls`
+    declares: so `--set lr=abc` fails before anything is written, not as a TypeError deep inside a run. An int
+    is a valid float; a bool is not a valid int."""
+    hints = _field_types(cls)
+    problems = [
+        f"{name}={value!r} must be {_describe(hints[name])}"
+        for name, value in values.items()
+        if name in hints and not _fits(value, hints[name])
+    ]
+    if problems:
+        raise ConfigError(f"invalid {cls.__name__}: " + "; ".join(problems))
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, object]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _fits(value, kind) -> bool:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin is tuple:  # tuple[X, ...]
+        return isinstance(value, (tuple, list)) and all(_fits(item, args[0]) for item in value)
+    if kind is type(None):
+        return value is None
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(kind, type):
+        return isinstance(value, kind)
+    return True  # a type this check does not know: the dataclass's own validation decides
+
+
+def _describe(kind) -> str:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in args)
+    if origin is typing.Literal:
+        return " or ".join(repr(arg) for arg in args)
+    if origin is tuple:
+        return f"a list (each item {_describe(args[0])})"
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+    return names.get(kind, getattr(kind, "__name__", str(kind)))
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, str]:
     """`key=value` strings from the command line, values parsed as YAML scalars (so 3e-4, true, null work)."""
     overrides = {}
@@ -143,7 +200,10 @@ def split_overrides(values: dict, model_fields: set[str]) -> tuple[dict, dict]:
 
 
 def load_yaml(path: Path) -> dict:
-    values = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: a config file must hold a mapping of key: value")
     return values

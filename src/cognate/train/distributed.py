@@ -31,6 +31,14 @@ class Distributed:
         dist.all_reduce(value)
         return value.item() == 0.0
 
+    def from_main(self, flag: bool) -> bool:
+        """Rank 0's `flag`, on every process (a decision taken once, where the files are written)."""
+        if not self.enabled:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.broadcast(value, src=0)
+        return value.item() == 1.0
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

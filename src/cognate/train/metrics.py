@@ -102,13 +102,25 @@ class MetricsLog:
 def truncate_after_step(path: Path, step: int) -> list[dict]:
     """Rewrite a JSON-lines log keeping its rows up to `step`, and return them.
 
-    A killed run may have logged past its last checkpoint; the resumed run logs those steps again.
+    A killed run may have logged past its last checkpoint; the resumed run logs those steps again. A kill in the
+    middle of a write leaves a torn last line: it is dropped. A malformed line anywhere else is an error naming
+    the file and line. The rewrite is atomic (a temporary file renamed over the log).
     """
     rows = []
     if path.exists() and step > 0:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        rows = [r for r in rows if r.get("step", 0) <= step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        for number, line in enumerate(lines, start=1):
+            try:
+                row = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError as error:
+                if number == len(lines):  # torn by a kill mid-write
+                    break
+                raise ValueError(f"{path}:{number}: not a JSON line ({error.msg})") from None
+            if row is not None and row.get("step", 0) <= step:
+                rows.append(row)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
     return rows
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
 from cognate.data.tokenizer import load_tokenizer
-from cognate.model.config import CognateConfig
+from cognate.model.config import CognateConfig, ConfigError
 from cognate.model.model import CognateModel
 from cognate.train import checkpoint
 from cognate.train.config import TrainConfig
@@ -84,6 +84,7 @@ def prepare_run_dir(run_dir: Path, run_config: dict, *, resume: bool, overwrite:
     if overwrite and path.exists():  # only ever delete what is recognisably a run folder
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.remove_stale_temporaries(run_dir)  # a kill during a checkpoint write leaves its temporary file
     path.write_text(json.dumps(run_config, indent=2, sort_keys=True))
 
 
@@ -120,13 +121,17 @@ def train(
     if config.init_from is not None:
         model.load_state_dict(load_file(config.init_from, device=str(dist.device)))
     optimizer = build_optimizer(model, config)
+    if config.init_optimizer_from is not None:
+        _continue_optimizer_state(optimizer, Path(config.init_optimizer_from))
     data = TrainingData(data_dir, batch_size=config.batch_size, seed=config.seed, dist=dist)
     progress = Progress()
-    if resume and (run_dir / CHECKPOINT).exists():
+    if resume and _checkpoint_to_resume(run_dir, dist):
         progress = _restore(run_dir / CHECKPOINT, model, optimizer, data, dist)
         if dist.is_main and (run_dir / SAMPLES).exists():
             truncate_after_step(run_dir / SAMPLES, progress.step)
-    # Memory and halting parameters sit idle on short inputs, so some steps leave them without gradients.
+    # Memory parameters sit idle on short inputs (below mem_min_seq_len), and one rank's micro-batch can be short
+    # while another's is long. With find_unused_parameters=False the two ranks then reduce different buckets: the
+    # 2-process test run aborts in gloo ("Received data size doesn't match expected size", 281404 vs 8 bytes).
     ddp_model = DistributedDataParallel(model, find_unused_parameters=True) if dist.enabled else model
     forward = torch.compile(ddp_model) if config.compile else ddp_model
 
@@ -148,6 +153,7 @@ def train(
     autocast = autocast_for(dist.device, precision.bf16)
     tokenizer = load_tokenizer(data_dir) if config.sample_prompts else None
     start_time, start_step, start_tokens = time.perf_counter(), progress.step, progress.tokens
+    last_good_step = progress.step if progress.step else None  # the step of the checkpoint on disk, if any
     window = _Window()
 
     try:
@@ -180,7 +186,7 @@ def train(
             if progress.consecutive_skipped >= config.max_nonfinite_steps:
                 raise NonFiniteTrainingError(
                     f"{progress.consecutive_skipped} consecutive steps had a non-finite loss or gradient norm "
-                    f"(last loss {loss}, grad norm {grad_norm}); the last good checkpoint is {run_dir / CHECKPOINT}"
+                    f"(last loss {loss}, grad norm {grad_norm}); {_last_good(run_dir, last_good_step)}"
                 )
 
             row = None
@@ -212,7 +218,8 @@ def train(
             if dist.all_true(out_of_time) and progress.stop_reason is None:
                 progress.stop_reason = "time budget reached"
             if progress.step % config.checkpoint_interval == 0 or progress.stop_reason or last:
-                _save(run_dir, model, optimizer, data, progress, start_time, dist)
+                saved = _save(run_dir, model, optimizer, data, progress, start_time, dist, autocast)
+                last_good_step = progress.step if saved else last_good_step
         progress.stop_reason = progress.stop_reason or (
             "token budget reached" if progress.tokens >= config.max_tokens else "step limit reached"
         )
@@ -358,6 +365,41 @@ def _early_stopping(
             )
 
 
+def _weights_are_sound(model, data: TrainingData, autocast, dist: Distributed) -> bool:
+    """Whether these weights are worth a checkpoint: every parameter finite, and a finite training loss (the
+    quantity the guard watches) on the first validation batch. The loss test catches what the guard's own
+    checks cannot, since they see the loss and gradient norm from before the update: a finite but huge update
+    (lr=1e30) whose weights only the next step finds broken. The RNG is restored, so resuming stays exact."""
+    finite = bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
+    if finite:
+        input_ids, targets = next(iter(data.validation_batches(1)))
+        devices = [dist.device.index or 0] if dist.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), autocast():
+            model.train()
+            loss = model(input_ids.to(dist.device), targets=targets.to(dist.device)).loss
+        finite = math.isfinite(loss.item())
+    return dist.all_true(finite)
+
+
+def _last_good(run_dir: Path, step: int | None) -> str:
+    if step is None:
+        return (
+            "no checkpoint with sound weights was written; lower the learning rate (lr, muon_lr) and restart"
+        )
+    return f"the last good checkpoint is {run_dir / CHECKPOINT} (step {step}); --resume continues from it"
+
+
+def _checkpoint_to_resume(run_dir: Path, dist: Distributed) -> bool:
+    """Whether to resume from the run folder's checkpoint: rank 0 decides, every rank follows (and must see it)."""
+    exists = dist.from_main((run_dir / CHECKPOINT).exists())
+    if exists and not dist.all_true((run_dir / CHECKPOINT).exists()):
+        raise RunFolderError(
+            f"rank 0 resumes from {run_dir / CHECKPOINT} but another rank cannot see it: "
+            "the run folder must be on a file system every node shares"
+        )
+    return exists
+
+
 def _save(
     run_dir: Path,
     model,
@@ -366,7 +408,18 @@ def _save(
     progress: Progress,
     start_time: float,
     dist: Distributed,
-) -> None:
+    autocast,
+) -> bool:
+    """Write the checkpoint, unless the weights are unsound: then the last good one stays. Returns whether it
+    was written."""
+    if not _weights_are_sound(model, data, autocast, dist):
+        if dist.is_main:
+            print(
+                f"step {progress.step}: the weights, or the loss at them, are not finite; not saving them over "
+                f"{run_dir / CHECKPOINT}",
+                flush=True,
+            )
+        return False
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -377,6 +430,19 @@ def _save(
     if dist.is_main:
         checkpoint.save_atomic(state, run_dir / CHECKPOINT)
     dist.barrier()
+    return True
+
+
+def _continue_optimizer_state(optimizer, path: Path) -> None:
+    """Take the state of the optimizer saved in checkpoint `path` (moments, step counts, Grokfast's filter) and
+    keep this run's hyperparameters (its param_groups)."""
+    saved = checkpoint.load(path)["optimizer"]
+    ours = optimizer.state_dict()
+    if [len(g["params"]) for g in saved["param_groups"]] != [len(g["params"]) for g in ours["param_groups"]]:
+        raise ConfigError(
+            f"init_optimizer_from={path}: its optimizer has other parameter groups than this run's"
+        )
+    optimizer.load_state_dict({**saved, "param_groups": ours["param_groups"]})
 
 
 def _restore(path: Path, model, optimizer, data: TrainingData, dist: Distributed) -> Progress:
