@@ -141,6 +141,32 @@ def test_halting_is_per_token_and_a_halted_token_keeps_its_state():
             assert later.any() and not torch.allclose(out.logits[later], stopped_at_n.logits[later])
 
 
+def _rows_through_ffn(model) -> tuple[list[int], list]:
+    """A list that fills with the number of tokens each FFN call refines, and the hooks' handles."""
+    rows: list[int] = []
+    hooks = [
+        block.ffn.register_forward_hook(lambda _m, inputs, _out: rows.append(inputs[0].shape[:-1].numel()))
+        for block in model.layers
+    ]
+    return rows, hooks
+
+
+@pytest.mark.parametrize("memory", [False, True])
+def test_a_halted_token_runs_no_block_of_the_later_steps(memory):
+    """Halting saves compute: the FFNs refine exactly the tokens still running, sum(steps) per layer in all."""
+    model = small_model(mem_enabled=memory).eval()
+    tokens = random_tokens(2, LENGTH, seed=11)
+    rows, hooks = _rows_through_ffn(model)
+    out = _forward(model, tokens, targets=torch.roll(tokens, -1, 1))
+    for hook in hooks:
+        hook.remove()
+    steps = out.act["steps"]
+    assert steps.min() < model.cfg.t_infer  # some tokens halted early
+    assert sum(rows) == model.cfg.n_layers * int(steps.sum())
+    still_running = [int((steps >= t).sum()) for t in range(1, model.cfg.t_infer + 1)]
+    assert rows[:: model.cfg.n_layers] == still_running
+
+
 def test_a_model_without_act_refines_every_token_for_all_steps():
     model = small_model(act_enabled=False).eval()
     out = _forward(model, random_tokens(2, LENGTH), targets=random_tokens(2, LENGTH, seed=1))

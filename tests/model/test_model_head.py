@@ -48,7 +48,6 @@ def test_matches_full_logits_cross_entropy_in_fp32(rows, vocab, chunk_rows, seed
     torch.testing.assert_close(fused_grads[0], hidden.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fused_grads[1], weight.grad, rtol=1e-4, atol=1e-5)
     valid = targets != IGNORE_INDEX
-    assert torch.equal(fused.argmax, logits.argmax(-1))
     row_ce = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none").detach()
     torch.testing.assert_close(fused.target_ce, torch.where(valid, row_ce, 0.0), rtol=1e-5, atol=1e-5)
     label_ce = F.cross_entropy(logits, labels.clamp_min(0), reduction="none").detach()

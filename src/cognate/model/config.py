@@ -36,6 +36,7 @@ class CognateConfig:
     act_enabled: bool = True
     act_hidden: int = 92  # width of the halting head's hidden layer (sized so cognate-25m lands near 25.07M)
     act_threshold: float = 0.5  # a token halts at the first step whose halting probability passes this
+    act_tolerance: float = 0.1  # L_act's target: halting at step t costs at most this many nats on the token
 
     # Titans-style long-term memory.
     mem_enabled: bool = True
@@ -117,7 +118,7 @@ def _problems(c: CognateConfig):
         yield f"mem_decay={c.mem_decay} must lie in (0, 1]"
     if not 0.0 <= c.dropout < 1.0:
         yield f"dropout={c.dropout} must lie in [0, 1)"
-    for name in ("w_act", "w_read", "w_write"):
+    for name in ("w_act", "w_read", "w_write", "act_tolerance"):
         if getattr(c, name) < 0:
             yield f"{name}={getattr(c, name)} must be non-negative"
 

@@ -10,7 +10,7 @@ Training runs T = `t_train` steps. Deep supervision matches inference: every ste
 1..t_infer, carries a loss, and so do the last `grad_steps` steps; the steps in between run under no_grad (TRM's
 trick: memory does not grow with T). With S = {1..t_infer} ∪ {t_train - grad_steps + 1..t_train},
 
-    L_ref = (1/|S|) Σ_{t∈S} CE(logits_t, targets),     L_act = BCE(q_t, [argmax logits_t == argmax logits_t_infer]).
+    L_ref = (1/|S|) Σ_{t∈S} CE(logits_t, targets),    L_act = BCE(q_t, [CE_t <= CE_t_infer + act_tolerance]), t < t_infer.
 
 Evaluation runs t_infer steps. A token halts after the first step t whose q_t passes `act_threshold`: its state h_t
 is frozen and the later steps skip it — no block, LM head or halting head runs for it. Later tokens still attend
@@ -54,8 +54,8 @@ class CognateOutput:
     memory: dict[str, Tensor]  # the memory's statistics for this call (empty when memory is off)
     # The memory after this call, to pass to the next call that continues the sequence; None when memory is off.
     memory_state: MemoryState | None
-    # In evaluation with targets: the mean CE after each step 1..n_steps, a halted token scored at its halting
-    # step (the last one is L_ref); empty otherwise.
+    # In evaluation with targets: per step 1..n_steps, each token's CE [B, S] after that step (a halted token's at
+    # its halting step; 0 where the target is ignored); the last one's mean over scored tokens is L_ref. Else empty.
     step_losses: list[Tensor]
 
 
@@ -114,7 +114,7 @@ class CognateModel(nn.Module):
         n_valid = valid.sum().clamp_min(1)
         h, surprise, logits = e, None, None
         banks, grad_banks = [], []
-        ref_losses, halt_logits, halt_probs, predictions = [], [], [], []
+        ref_losses, halt_logits, halt_probs, step_ce = [], [], [], []
         for step in range(1, n_steps + 1):
             supervised = step <= answer_step or step > n_steps - cfg.grad_steps
             needs_head = supervised or memory_on
@@ -141,7 +141,7 @@ class CognateModel(nn.Module):
             if fused and supervised:
                 ref_losses.append(head.loss_sum / n_valid)
             if fused and step <= answer_step:
-                predictions.append(head.argmax.view_as(targets))
+                step_ce.append(head.target_ce.view_as(targets))
         steps = (
             first_halting_step(halt_probs, cfg.act_threshold, answer_step)
             if halt_probs
@@ -149,7 +149,7 @@ class CognateModel(nn.Module):
         )
         losses = {"ref": torch.stack(ref_losses).mean() if ref_losses else _zero(e), "act": _zero(e)}
         if fused and halt_logits:
-            losses["act"] = act_loss(halt_logits, halting_targets(predictions), valid)
+            losses["act"] = act_loss(halt_logits, halting_targets(step_ce, cfg.act_tolerance), valid)
         mean_halt = torch.stack(halt_probs).mean() if halt_probs else _zero(e)
         return self._output(logits, losses, targets, steps, mean_halt, valid, banks, grad_banks, [])
 
@@ -198,7 +198,7 @@ class CognateModel(nn.Module):
                 labels = surprise_labels[rows] if surprise_labels is not None else None
                 head = fused_linear_cross_entropy(normed, self.lm_head.weight, flat_targets[rows], labels)
                 token_ce = token_ce.index_copy(0, rows, head.target_ce)
-                step_losses.append(token_ce.sum() / n_valid)
+                step_losses.append(token_ce.view_as(input_ids))
                 if bank is not None:
                     label_ce = label_ce.index_copy(0, rows, head.label_ce)
                     surprise = _surprise_from_label_ce(label_ce.view_as(input_ids))
@@ -225,7 +225,7 @@ class CognateModel(nn.Module):
         if decode is not None:
             decode.position += input_ids.size(1)
             decode.last_logits = last_logits
-        losses = {"ref": step_losses[-1] if fused else _zero(e), "act": _zero(e)}
+        losses = {"ref": token_ce.sum() / n_valid if fused else _zero(e), "act": _zero(e)}
         mean_halt = torch.cat(halt_probs).mean() if halt_probs else _zero(e)
         steps = steps.view_as(input_ids)
         return self._output(logits, losses, targets, steps, mean_halt, valid, banks, banks, step_losses)

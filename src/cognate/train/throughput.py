@@ -64,23 +64,26 @@ def flops_per_token(model: CognateModel, seq_len: int, *, training: bool = True)
     """FLOPs per token of one forward (+ backward when training) at `seq_len`, counting only what really runs.
 
     Every refinement step runs the blocks (2 FLOPs per matmul weight, plus attention's two matmuls over the causal
-    half of the visible context) and, with ACT on, the halting head. The memory (its reads in every block and the
-    write/read projections) runs only where the sequence is long enough to turn it on. The LM head runs on the
-    steps with gradients, and on every step when the memory needs its surprise. A step with gradients costs 3x its
-    forward; the first t_train - grad_steps steps run under no_grad and cost one forward.
+    half of the visible context); the halting head runs on steps 1..t_infer - 1, where it decides. The memory (its
+    reads in every block and the write/read projections) runs only where the sequence is long enough to turn it
+    on. Training supervises steps 1..t_infer and the last grad_steps: each costs 3x its forward with the LM head;
+    the steps in between run under no_grad and cost one forward, with the LM head only when the memory needs its
+    surprise. Inference counts every step for every token: halting can only lower it.
     """
     cfg = model.cfg
     memory_on = cfg.mem_enabled and seq_len >= cfg.mem_min_seq_len
     context = min(seq_len, cfg.attn_window or seq_len)
     attention = 2 * 2 * cfg.n_layers * cfg.d_model * context / 2
     core = 2 * sum(matmul_params(block.attn, block.ffn) for block in model.layers) + attention
-    if cfg.act_enabled:
-        core += 2 * matmul_params(model.halting)
     if memory_on:
         core += 2 * matmul_params(model.memory, *(block.memory_read for block in model.layers))
     head = 2 * matmul_params(model.lm_head)
+    answer_step = min(cfg.t_infer, cfg.t_train if training else cfg.t_infer)
+    halting = (answer_step - 1) * 2 * matmul_params(model.halting) if cfg.act_enabled else 0
     if not training:
-        return cfg.t_infer * core + head
-    grad_steps = min(cfg.grad_steps, cfg.t_train)
-    no_grad_steps = cfg.t_train - grad_steps
-    return 3 * grad_steps * (core + head) + no_grad_steps * (core + (head if memory_on else 0))
+        return cfg.t_infer * core + halting + head
+    supervised = len(
+        set(range(1, answer_step + 1)) | set(range(cfg.t_train - cfg.grad_steps + 1, cfg.t_train + 1))
+    )
+    unsupervised = cfg.t_train - supervised
+    return 3 * (supervised * (core + head) + halting) + unsupervised * (core + (head if memory_on else 0))

@@ -294,7 +294,8 @@ def validate(model, data: TrainingData, n_batches: int, autocast, dist: Distribu
         n_valid = int(valid.sum())
         if n_valid:
             steps = out.act["steps"][valid].double()
-            means = [out.losses["ref"], 1.0, steps.mean(), steps.square().mean(), *out.step_losses]
+            step_losses = [losses[valid].mean() for losses in out.step_losses]
+            means = [out.losses["ref"], 1.0, steps.mean(), steps.square().mean(), *step_losses]
             sums += torch.tensor([float(x) for x in means], device=dist.device, dtype=torch.float64) * n_valid
     if dist.enabled:
         torch.distributed.all_reduce(sums)
