@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from cognate.cli import main
+from cognate.data.prepare import PrepareConfig, prepare
 from cognate.export.model_dir import save_model_dir
 from cognate.model.config import get_preset
 from cognate.model.model import CognateModel
+from cognate.train.data import tokenizer_vocab_size
 
 
 @pytest.fixture(autouse=True)
@@ -58,3 +60,24 @@ def test_a_prompt_longer_than_the_model_allows_is_refused():
     too_long = str(get_preset("tiny").max_seq_len)
     with pytest.raises(SystemExit, match="max_seq_len"):
         main(["bench", "generate", "--json", "--preset", "tiny", "--prompt-len", too_long])
+
+
+def test_halting_is_timed_and_its_loss_measured_against_forcing_every_step(capsys, tmp_path):
+    data = tmp_path / "data"
+    prepare(PrepareConfig(out=data, builtin=True, short_len=64, long_len=256), log=lambda _: None)
+    torch.manual_seed(0)
+    model = CognateModel(get_preset("tiny").replace(vocab_size=tokenizer_vocab_size(data)))
+    with torch.no_grad():  # an untrained halting head that sends tokens to different steps
+        model.halting.out.weight.normal_(std=3.0)
+        model.halting.out.bias.zero_()
+    save_model_dir(model, tmp_path / "model")
+    sizes = ("--prompt-len", "16", "--new-tokens", "8")
+    report = bench(capsys, "--model", str(tmp_path / "model"), "--data", str(data), *sizes)
+    assert report["halting_tokens_per_s"] > 0 and report["forced_tokens_per_s"] > 0
+    assert report["halting_speedup"] == pytest.approx(
+        report["halting_tokens_per_s"] / report["forced_tokens_per_s"]
+    )
+    assert 1 < report["halting_mean_steps"] < model.cfg.t_infer
+    # Untrained, halting changes the loss (a little: the steps of a fresh model barely differ), never by nothing.
+    assert report["halting_loss_delta"] != 0 and abs(report["halting_loss_delta"]) < 1
+    assert report["halting_data"] == str(data)

@@ -75,11 +75,14 @@ def test_flops_count_the_steps_and_parts_that_really_run():
     forward = 2 * (cfg.n_layers * per_layer + cfg.vocab_size * cfg.d_model) + attention
     assert flops_per_token(one_step, 256) == 3 * forward
 
-    # Two extra steps under no_grad cost one forward of the core each; memory off below mem_min_seq_len.
-    recursive = CognateModel(preset.replace(t_train=3, grad_steps=1, act_enabled=False))
+    # Steps 1..t_infer and the last grad_steps are supervised (3x a forward with the head); step 2 of 3 runs under
+    # no_grad and costs one forward of the core; memory off below mem_min_seq_len.
+    recursive = CognateModel(preset.replace(t_train=3, t_infer=1, grad_steps=1, act_enabled=False))
     short = preset.mem_min_seq_len - 1
     core = 2 * cfg.n_layers * per_layer + 2 * 2 * cfg.n_layers * cfg.d_model * short / 2
     head = 2 * cfg.vocab_size * cfg.d_model
-    assert flops_per_token(recursive, short) == pytest.approx(3 * (core + head) + 2 * core)
-    # Long enough for memory: its projections and the head (for surprise) run on every step.
-    assert flops_per_token(recursive, preset.mem_min_seq_len) > flops_per_token(recursive, short) + 2 * head
+    assert flops_per_token(recursive, short) == pytest.approx(3 * 2 * (core + head) + core)
+    deeper_answers = CognateModel(recursive.cfg.replace(t_infer=2))
+    assert flops_per_token(deeper_answers, short) == pytest.approx(3 * 3 * (core + head))
+    # Long enough for memory: its projections and the head (for surprise) run on every step, no_grad ones too.
+    assert flops_per_token(recursive, preset.mem_min_seq_len) > flops_per_token(recursive, short) + head

@@ -36,7 +36,9 @@ def test_forward_returns_total_loss_its_parts_logits_and_statistics(mode):
     assert _forward(model, tokens).logits.shape == (2, LENGTH, VOCAB)
     assert set(out.losses) == {"ref", "act", "read", "write"}
     assert all(torch.isfinite(value) and value >= 0 for value in out.losses.values())
-    assert out.losses["act"] > 0 and out.losses["read"] > 0 and out.losses["write"] > 0
+    assert out.losses["read"] > 0 and out.losses["write"] > 0
+    # L_act's target compares with step t_infer, which halted tokens never reach in evaluation.
+    assert out.losses["act"] > 0 if mode == "train" else out.losses["act"] == 0
     cfg = model.cfg
     expected = (
         out.losses["ref"]
@@ -139,6 +141,32 @@ def test_halting_is_per_token_and_a_halted_token_keeps_its_state():
             assert later.any() and not torch.allclose(out.logits[later], stopped_at_n.logits[later])
 
 
+def _rows_through_ffn(model) -> tuple[list[int], list]:
+    """A list that fills with the number of tokens each FFN call refines, and the hooks' handles."""
+    rows: list[int] = []
+    hooks = [
+        block.ffn.register_forward_hook(lambda _m, inputs, _out: rows.append(inputs[0].shape[:-1].numel()))
+        for block in model.layers
+    ]
+    return rows, hooks
+
+
+@pytest.mark.parametrize("memory", [False, True])
+def test_a_halted_token_runs_no_block_of_the_later_steps(memory):
+    """Halting saves compute: the FFNs refine exactly the tokens still running, sum(steps) per layer in all."""
+    model = small_model(mem_enabled=memory).eval()
+    tokens = random_tokens(2, LENGTH, seed=11)
+    rows, hooks = _rows_through_ffn(model)
+    out = _forward(model, tokens, targets=torch.roll(tokens, -1, 1))
+    for hook in hooks:
+        hook.remove()
+    steps = out.act["steps"]
+    assert steps.min() < model.cfg.t_infer  # some tokens halted early
+    assert sum(rows) == model.cfg.n_layers * int(steps.sum())
+    still_running = [int((steps >= t).sum()) for t in range(1, model.cfg.t_infer + 1)]
+    assert rows[:: model.cfg.n_layers] == still_running
+
+
 def test_a_model_without_act_refines_every_token_for_all_steps():
     model = small_model(act_enabled=False).eval()
     out = _forward(model, random_tokens(2, LENGTH), targets=random_tokens(2, LENGTH, seed=1))
@@ -161,11 +189,30 @@ def _saved_bytes(model, tokens) -> int:
 
 
 def test_steps_without_gradients_add_no_training_memory():
-    """TRM's trick: only the last grad_steps keep activations, so memory does not grow with t_train."""
+    """TRM's trick: only steps 1..t_infer and the last grad_steps keep activations, so memory does not grow
+    with t_train."""
     tokens = random_tokens(2, LENGTH)
-    two, six = small_model(t_train=2, grad_steps=1), small_model(t_train=6, grad_steps=1)
-    assert _saved_bytes(six, tokens) == _saved_bytes(two, tokens)
-    assert _saved_bytes(small_model(t_train=6, grad_steps=2), tokens) > _saved_bytes(six, tokens)
+    three, six = (
+        small_model(t_train=3, t_infer=1, grad_steps=1),
+        small_model(t_train=6, t_infer=1, grad_steps=1),
+    )
+    assert _saved_bytes(six, tokens) == _saved_bytes(three, tokens)
+    assert _saved_bytes(small_model(t_train=6, t_infer=1, grad_steps=2), tokens) > _saved_bytes(six, tokens)
+    assert _saved_bytes(small_model(t_train=6, t_infer=2, grad_steps=1), tokens) > _saved_bytes(six, tokens)
+
+
+def test_every_step_inference_can_stop_at_is_trained():
+    """Deep supervision matching inference: each step 1..t_infer gets a gradient from its own CE, also when
+    t_infer lies before the last grad_steps steps."""
+    model = small_model(t_train=6, t_infer=3, grad_steps=1, act_enabled=False, mem_enabled=False).train()
+    tokens = random_tokens(2, LENGTH)
+    states = []
+    hook = model.layers[-1].register_forward_hook(lambda _m, _i, out: states.append(out))
+    out = model(tokens, targets=torch.roll(tokens, -1, 1))
+    hook.remove()
+    assert [state.requires_grad for state in states] == [True, True, True, False, False, True]
+    gradients = torch.autograd.grad(out.loss, [state for state in states if state.requires_grad])
+    assert all(gradient.abs().sum() > 0 for gradient in gradients)
 
 
 def test_every_parameter_gets_a_gradient_from_the_total_loss():

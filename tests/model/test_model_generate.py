@@ -26,6 +26,37 @@ def test_greedy_generation_with_the_cache_equals_recomputing_the_whole_sequence(
     assert len(steps.unique()) > 1  # halting really did differ between tokens along the way
 
 
+def test_a_token_that_halted_while_decoding_only_lends_its_keys_and_values_to_later_steps():
+    """One token per call: a halted token skips the rest of its steps except their key/value projections, which
+    later tokens attend to (the greedy tokens still match recomputation, above)."""
+    model = small_model(seed=2).eval()
+    tokens = random_tokens(1, 12, seed=4)
+    empty_memory = model.memory.empty_state(model.cfg.t_infer, 1, "cpu", torch.float32)
+    steps = model(tokens, memory_state=empty_memory).act["steps"]  # the same rule, the whole sequence at once
+    ffn_rows, kv_only = [], []
+    for block in model.layers:
+        block.ffn.register_forward_hook(
+            lambda _m, inputs, _out: ffn_rows.append(inputs[0].shape[:-1].numel())
+        )
+        block.attn.lend_keys_values = _recording(block.attn.lend_keys_values, kv_only)
+    state = DecodeState()
+    for i in range(tokens.size(1)):
+        model.decode(tokens[:, i : i + 1], state)
+    n_layers, t_infer = model.cfg.n_layers, model.cfg.t_infer
+    assert steps.min() < t_infer
+    assert sum(ffn_rows) == n_layers * int(steps.sum())
+    assert len(kv_only) == n_layers * int((t_infer - steps).sum())
+    assert all(cache.keys.size(-2) == tokens.size(1) for caches in state.caches for cache in caches)
+
+
+def _recording(method, calls: list):
+    def record(*args, **kwargs):
+        calls.append(args)
+        return method(*args, **kwargs)
+
+    return record
+
+
 @pytest.mark.parametrize("window", [None, 6])
 def test_decoding_piece_by_piece_gives_the_logits_and_memory_of_evaluating_the_whole_sequence(window):
     """Stricter than equal greedy tokens: every position's logits and the carried memory match."""

@@ -48,7 +48,8 @@ def test_matches_full_logits_cross_entropy_in_fp32(rows, vocab, chunk_rows, seed
     torch.testing.assert_close(fused_grads[0], hidden.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fused_grads[1], weight.grad, rtol=1e-4, atol=1e-5)
     valid = targets != IGNORE_INDEX
-    assert torch.equal(fused.correct, valid & (logits.argmax(-1) == targets))
+    row_ce = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none").detach()
+    torch.testing.assert_close(fused.target_ce, torch.where(valid, row_ce, 0.0), rtol=1e-5, atol=1e-5)
     label_ce = F.cross_entropy(logits, labels.clamp_min(0), reduction="none").detach()
     has_label = labels != IGNORE_INDEX
     torch.testing.assert_close(fused.label_ce[has_label], label_ce[has_label], rtol=1e-5, atol=1e-5)
@@ -82,12 +83,13 @@ def test_without_gradients_nothing_is_kept_for_backward():
 
 @pytest.mark.parametrize("memory_on", [False, True])
 def test_training_loss_and_gradients_match_the_plain_head(memory_on):
-    """The model's L_ref (fused) equals F.cross_entropy on the logits the model returns without targets.
+    """The model's L_ref (fused) equals F.cross_entropy on the logits the model returns without targets, averaged
+    over the supervised steps (1..t_infer and the last grad_steps; step 2 here runs under no_grad).
 
     With memory on this also checks that the surprise the fused head hands the memory equals the one computed
     from full logits: otherwise the banks, and so the logits, would differ.
     """
-    model = small_model(t_train=3, grad_steps=1, mem_enabled=memory_on, dropout=0.0).train()
+    model = small_model(t_train=3, t_infer=1, grad_steps=1, mem_enabled=memory_on, dropout=0.0).train()
     tokens = random_tokens(2, 21)
     targets = torch.roll(tokens, -1, 1)
     targets[:, -1] = IGNORE_INDEX
@@ -97,8 +99,15 @@ def test_training_loss_and_gradients_match_the_plain_head(memory_on):
     fused_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
 
-    logits = model(tokens).logits
-    plain = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    plain = (
+        sum(
+            F.cross_entropy(
+                model(tokens, n_steps=n).logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX
+            )
+            for n in (1, 3)
+        )
+        / 2
+    )
     plain.backward()
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
     plain_grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}

@@ -1,6 +1,7 @@
 """The training loop's promises: exact resume after SIGKILL, loadable checkpoints at any moment, the non-finite
 guard, early stopping, the run-folder guard, and torchrun (DDP on gloo) matching one process."""
 
+import contextlib
 import json
 import math
 import os
@@ -393,3 +394,29 @@ def test_auto_precision_is_measured_recorded_and_kept_by_a_resumed_run(
     # A fresh run there takes bf16.
     fresh = trainer.train(model_config(data_dir), config, data_dir, tmp_path / "fresh", _single())
     assert fresh["precision"]["precision"] == "bf16" and fresh["peak_flops"] == 0.87e12
+
+
+def test_validation_reports_the_loss_after_each_step_and_the_spread_of_halting(data_dir):
+    """What each refinement step adds (val_loss_step_t, the last one being val_loss) and the halting statistics
+    over the scored tokens, as a direct evaluation of the same rows gives them."""
+    from cognate.model.model import CognateModel
+    from cognate.train.data import TrainingData
+
+    torch.manual_seed(0)
+    model = CognateModel(model_config(data_dir))
+    with torch.no_grad():  # an untrained halting head that sends tokens to different steps
+        model.halting.out.weight.normal_(std=3.0)
+        model.halting.out.bias.zero_()
+    dist = Distributed(rank=0, world_size=1, device=torch.device("cpu"))
+    data = TrainingData(data_dir, batch_size=2, seed=0, dist=dist)
+    row = trainer.validate(model, data, 3, contextlib.nullcontext, dist)
+    assert (
+        row["val_loss_step_2"] == pytest.approx(row["val_loss"]) and row["val_loss_step_1"] != row["val_loss"]
+    )
+    model.eval()
+    with torch.no_grad():
+        steps = torch.cat(
+            [model(x, targets=y).act["steps"][y != -100] for x, y in data.validation_batches(3)]
+        ).double()
+    assert row["val_act_mean_steps"] == pytest.approx(steps.mean().item())
+    assert row["val_act_var_steps"] == pytest.approx(steps.var(unbiased=False).item()) and steps.var() > 0

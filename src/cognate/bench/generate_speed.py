@@ -6,9 +6,12 @@ In one process, on the same weights and the same random prompt, greedy decoding 
     hf        the weights exported with `export_hf` to a temporary folder, loaded with
               `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`, `.generate(do_sample=False)`
 each timed after an untimed warm-up. Tokens/s counts the generated tokens of the whole batch over the wall time of
-the call, prompt processing included. Whether the export really uses a cache is measured, not assumed: a hook
-records the length of every input the exported model's forward is given (a cached decoder sees one token per call
-after the prompt).
+the call, prompt processing included. Halting is measured against forcing every step (`halting_report`):
+    halting     the cached arm again: a token that halts skips its later steps but their key/value projections
+    forced      the same weights with act_enabled=False: every refinement step for every token
+with the mean halting step of the generated tokens and halting_loss_delta, the validation loss with halting minus
+with every step, on `--data` (default: the data folder the model's training_stats.json names; null without one). Whether the export really uses a cache is measured, not assumed: a hook
+records the length of every input its model is given (a cached decoder sees one token per call after the prompt).
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ from cognate.train.precision import (
     resolve_precision,
 )
 from cognate.train.throughput import synchronize
+from cognate.train.trainer import validate
+
+HALTING_VALIDATION_BATCHES = 16  # batches of 4 validation rows for halting_loss_delta
 
 WARMUP_TOKENS = 2  # untimed tokens per arm first: allocations, kernel selection, the library's lazy imports
 
@@ -155,6 +161,7 @@ def measure(args: argparse.Namespace) -> dict:
             )
             report["hf_uncached_tokens_per_s"] = report_arm("hf_uncached", seconds)
 
+    report |= halting_report(model, prompt, args, autocast, report_arm)
     report["cache_speedup"] = report["cached_tokens_per_s"] / report["uncached_tokens_per_s"]
     report["hf_vs_native"] = report["hf_tokens_per_s"] / report["cached_tokens_per_s"]
     report["hf_vs_native_uncached"] = report["hf_tokens_per_s"] / report["uncached_tokens_per_s"]
@@ -182,6 +189,56 @@ def measure(args: argparse.Namespace) -> dict:
     return report
 
 
+def halting_report(
+    model: CognateModel, prompt: Tensor, args: argparse.Namespace, autocast, report_arm
+) -> dict:
+    """Generation tokens/s with halting and with every step forced, the halting steps, and the loss of halting."""
+    device = prompt.device
+    forced = CognateModel(model.cfg.replace(act_enabled=False)).to(device).eval()
+    forced.load_state_dict(model.state_dict())
+    report, generated = {}, None
+    for name, arm in (("halting", model), ("forced", forced)):
+        out, seconds = timed_generation(
+            native_generate(arm, prompt, args.new_tokens, True, autocast), device, args.repeats
+        )
+        report[f"{name}_tokens_per_s"] = report_arm(name, seconds)
+        generated = out if generated is None else generated
+    # Halting steps of the positions whose predictions were the generated tokens, by the rule generation used
+    # (memory read at any length: an empty state turns it on).
+    memory_state = None
+    if model.cfg.mem_enabled:
+        memory_state = model.memory.empty_state(model.cfg.t_infer, len(generated), device, torch.float32)
+    with torch.no_grad(), autocast():
+        steps = model(generated, memory_state=memory_state).act["steps"][:, prompt.size(1) - 1 : -1]
+    report["halting_mean_steps"] = steps.float().mean().item()
+    report["halting_speedup"] = report["halting_tokens_per_s"] / report["forced_tokens_per_s"]
+    report["halting_loss_delta"] = None
+    data_dir = args.data or _training_data(args.model)
+    if data_dir is not None:
+        from cognate.train.data import TrainingData
+        from cognate.train.distributed import Distributed
+
+        dist = Distributed(rank=0, world_size=1, device=device)
+        data = TrainingData(data_dir, batch_size=4, seed=0, dist=dist)
+        with_halting, every_step = (
+            validate(arm, data, HALTING_VALIDATION_BATCHES, autocast, dist)["val_loss"]
+            for arm in (model, forced)
+        )
+        report["halting_loss_delta"] = with_halting - every_step
+        model.eval()  # validate() leaves its model in training mode
+    report["halting_data"] = str(data_dir) if data_dir is not None else None
+    return report
+
+
+def _training_data(model_dir: Path | None) -> Path | None:
+    """The data folder a model folder's training_stats.json names, if it still exists."""
+    stats = model_dir / "training_stats.json" if model_dir is not None else None
+    if stats is None or not stats.is_file():
+        return None
+    folder = json.loads(stats.read_text()).get("data")
+    return Path(folder) if folder and Path(folder).is_dir() else None
+
+
 def _transformers_version() -> str:
     import transformers
 
@@ -199,6 +256,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print only the JSON line on stdout")
     parser.add_argument("--preset", default="cognate-25m", help="a freshly initialised preset (default)")
     parser.add_argument("--model", type=Path, default=None, help="a trained model folder instead of --preset")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="prepared folder for halting_loss_delta (default: the model's)",
+    )
     parser.add_argument(
         "--prompt-len", type=_positive, default=128, help="random prompt tokens (default 128)"
     )

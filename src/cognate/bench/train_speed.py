@@ -36,7 +36,7 @@ from cognate.model.model import CognateModel
 from cognate.train.config import TrainConfig
 from cognate.train.optimizer import build_optimizer
 from cognate.train.precision import Precision, add_bf16_argument, autocast_for, resolve_precision
-from cognate.train.throughput import flops_breakdown, flops_per_token, synchronize
+from cognate.train.throughput import flops_breakdown, flops_per_token, supervised_steps, synchronize
 
 DEFAULT_BASELINE = Path(__file__).resolve().parents[3] / "benchmarks" / "plain_gpt.py"
 
@@ -202,7 +202,7 @@ def _default_breakdown(timed, config, default: dict, args, device, precision: Pr
     # Switch parts off one at a time; a part that does not run at this length (zero FLOPs) costs nothing.
     for part, changes in (
         ("memory", {"mem_enabled": False}),
-        ("no_grad_step_blocks", {"t_train": config.grad_steps}),
+        ("no_grad_step_blocks", {"t_train": len(supervised_steps(config))}),
         ("halting", {"act_enabled": False}),
     ):
         config = config.replace(**changes)
@@ -212,7 +212,7 @@ def _default_breakdown(timed, config, default: dict, args, device, precision: Pr
         current = 1.0 / figures["tokens_per_s"]
         seconds[part] = previous - current
         previous = current
-    grad_head_passes = min(config.grad_steps, config.t_train)
+    grad_head_passes = len(supervised_steps(config))
     seconds["lm_head"] = grad_head_passes * _time_head(config, tokens, args, device, precision) / tokens
     seconds["grad_step_blocks"] = previous - seconds["lm_head"]
     return {part: {"flops_per_token": flops[part], "seconds_per_token": seconds[part]} for part in flops}

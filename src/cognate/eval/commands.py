@@ -125,6 +125,8 @@ def format_report(report: dict) -> str:
         rows.append(
             ("validation perplexity", f"{validation['perplexity']:.4g} (loss {validation['loss']:.4f} nats)")
         )
+        by_step = ", ".join(f"{t}: {loss:.4f}" for t, loss in enumerate(validation["loss_by_step"], start=1))
+        rows.append(("  loss after each step", by_step))
         for kind, entry in validation["by_kind"].items():
             if entry["tokens"]:
                 rows.append(

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cognate.data.dataset import KINDS, PackedDataset, read_manifest
 from cognate.data.readers import SkipLog
@@ -241,6 +240,7 @@ def validation_statistics(model: CognateModel, config: EvalConfig, autocast) -> 
     if not any(len(rows) for rows in chosen.values()):
         raise EvalError(f"{config.data} has no validation rows")
     token_losses, token_steps = [], []
+    step_sums = torch.zeros(cfg.t_infer, dtype=torch.float64)  # CE summed over tokens after each step
     by_kind, memory_by_kind = {}, {}
     for kind, rows in chosen.items():
         dataset = datasets[kind]
@@ -249,14 +249,10 @@ def validation_statistics(model: CognateModel, config: EvalConfig, autocast) -> 
         for start in range(0, len(rows), per_batch):
             input_ids, targets = (t.to(device) for t in dataset.batch(rows[start : start + per_batch]))
             with autocast():
-                out = model(input_ids)
+                out = model(input_ids, targets=targets)
             valid = targets != IGNORE_INDEX
-            losses = F.cross_entropy(
-                out.logits.flatten(0, 1).float(),
-                targets.flatten(),
-                ignore_index=IGNORE_INDEX,
-                reduction="none",
-            ).view_as(targets)
+            losses = out.step_losses[-1]  # each token's CE at its halting step
+            step_sums += torch.stack([step[valid].double().sum() for step in out.step_losses]).cpu()
             token_losses.append(losses[valid].cpu())
             token_steps.append(out.act["steps"][valid].cpu())
             loss_sum += float(losses[valid].double().sum())
@@ -279,6 +275,8 @@ def validation_statistics(model: CognateModel, config: EvalConfig, autocast) -> 
         "tokens": len(losses),
         "loss": mean_loss,
         "perplexity": metrics.perplexity_from_loss(mean_loss),
+        # What each refinement step adds: the loss if inference stopped after step t (halting still on).
+        "loss_by_step": (step_sums / len(losses)).tolist(),
         "by_kind": by_kind,
     }
     memory = None

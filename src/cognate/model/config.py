@@ -28,17 +28,15 @@ class CognateConfig:
     # Recursive refinement (TRM-style): h_t = core(h_{t-1} + e), logits at every step.
     t_train: int = 4  # refinement steps while training
     t_infer: int = 2  # maximum refinement steps at inference (ACT may stop a token earlier)
-    grad_steps: int = 2  # how many of the last training steps carry gradients; earlier ones run under no_grad
+    # Training steps 1..t_infer (every step inference may answer from) and the last grad_steps steps carry a loss
+    # and gradients; the steps in between run under no_grad.
+    grad_steps: int = 2
 
     # ACT halting.
     act_enabled: bool = True
     act_hidden: int = 92  # width of the halting head's hidden layer (sized so cognate-25m lands near 25.07M)
     act_threshold: float = 0.5  # a token halts at the first step whose halting probability passes this
-    act_entropy_weight: float = 0.01  # inside L_act: keeps halting probabilities from saturating early
-    act_diversity_weight: float = 0.05  # inside L_act: penalises every token halting alike
-    act_target_variance: float = (
-        0.05  # the per-token variance of halting probabilities below which we penalise
-    )
+    act_tolerance: float = 0.1  # L_act's target: halting at step t costs at most this many nats on the token
 
     # Titans-style long-term memory.
     mem_enabled: bool = True
@@ -120,14 +118,7 @@ def _problems(c: CognateConfig):
         yield f"mem_decay={c.mem_decay} must lie in (0, 1]"
     if not 0.0 <= c.dropout < 1.0:
         yield f"dropout={c.dropout} must lie in [0, 1)"
-    for name in (
-        "w_act",
-        "w_read",
-        "w_write",
-        "act_entropy_weight",
-        "act_diversity_weight",
-        "act_target_variance",
-    ):
+    for name in ("w_act", "w_read", "w_write", "act_tolerance"):
         if getattr(c, name) < 0:
             yield f"{name}={getattr(c, name)} must be non-negative"
 

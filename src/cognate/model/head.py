@@ -3,8 +3,8 @@
 With a 32,000-token vocabulary the logits of a 4,096-token batch are 131M numbers: materialising them in fp32, their
 log-softmax, its gradient and the dtype copies in between costs more time than every matmul of a 25M-parameter model
 (profiled: argmax, log_softmax forward/backward, copies and fills were ~40% of a training step on CPU). Here each
-chunk of rows is projected, reduced to what training needs (the CE sum, whether the argmax is the target, and the
-CE against a second label set that the memory uses as surprise) and, when gradients are wanted, turned straight
+chunk of rows is projected, reduced to what training needs (the CE sum, each row's CE, which the halting head's
+target compares across steps, and the CE against a second label set that the memory uses as surprise) and, when gradients are wanted, turned straight
 into its share of the input and weight gradients, as Liger-Kernel's fused linear cross-entropy does. Only one
 chunk's logits are alive at a time; the matmuls run in the autocast dtype and the softmax in fp32.
 """
@@ -28,7 +28,7 @@ CHUNK_ELEMENTS = 256 * 32_000
 @dataclass
 class HeadLoss:
     loss_sum: Tensor  # scalar fp32: sum of CE over the rows whose target is not IGNORE_INDEX (differentiable)
-    correct: Tensor  # [N] bool: the row's argmax is its target (False where the target is ignored)
+    target_ce: Tensor  # [N] fp32, detached: each row's CE against its target (0 where the target is ignored)
     label_ce: Tensor | None  # [N] fp32, detached: CE against `labels` (NaN where that label is ignored)
 
 
@@ -47,10 +47,14 @@ def fused_linear_cross_entropy(
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     with torch.autocast(hidden.device.type, enabled=False):
         if wants_grad:
-            loss_sum, correct, label_ce = _FusedLinearCrossEntropy.apply(hidden_c, weight_c, targets, labels)
+            loss_sum, target_ce, label_ce = _FusedLinearCrossEntropy.apply(
+                hidden_c, weight_c, targets, labels
+            )
         else:
-            loss_sum, correct, label_ce, _, _ = _forward(hidden_c, weight_c, targets, labels, with_grad=False)
-    return HeadLoss(loss_sum, correct, label_ce)
+            loss_sum, target_ce, label_ce, _, _ = _forward(
+                hidden_c, weight_c, targets, labels, with_grad=False
+            )
+    return HeadLoss(loss_sum, target_ce, label_ce)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -58,12 +62,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, labels: Tensor | None):
-        loss_sum, correct, label_ce, grad_hidden, grad_weight = _forward(
+        loss_sum, target_ce, label_ce, grad_hidden, grad_weight = _forward(
             hidden, weight, targets, labels, with_grad=True
         )
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.mark_non_differentiable(correct, *([label_ce] if label_ce is not None else []))
-        return loss_sum, correct, label_ce
+        ctx.mark_non_differentiable(target_ce, *([label_ce] if label_ce is not None else []))
+        return loss_sum, target_ce, label_ce
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, *_unused):
@@ -80,7 +84,7 @@ def _forward(hidden: Tensor, weight: Tensor, targets: Tensor, labels: Tensor | N
     n_rows, vocab = hidden.size(0), weight.size(0)
     chunk = max(1, CHUNK_ELEMENTS // vocab)
     loss_sum = torch.zeros((), device=hidden.device, dtype=torch.float32)
-    correct = torch.empty(n_rows, device=hidden.device, dtype=torch.bool)
+    target_ce = torch.empty(n_rows, device=hidden.device, dtype=torch.float32)
     label_ce = None if labels is None else torch.empty(n_rows, device=hidden.device, dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden) if with_grad else None
     grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if with_grad else None
@@ -88,11 +92,10 @@ def _forward(hidden: Tensor, weight: Tensor, targets: Tensor, labels: Tensor | N
         rows = slice(start, min(start + chunk, n_rows))
         logits = hidden[rows] @ weight.T
         target = targets[rows]
-        log_z, target_logit, row_max = _chunk_statistics(logits, target.clamp_min(0))
+        log_z, target_logit = _chunk_statistics(logits, target.clamp_min(0))
         valid = target != IGNORE_INDEX
-        loss_sum += torch.where(valid, log_z - target_logit, 0.0).sum()
-        # The argmax is the target exactly when the target's logit is the row's maximum (ties aside).
-        correct[rows] = valid & (target_logit >= row_max)
+        target_ce[rows] = torch.where(valid, log_z - target_logit, 0.0)
+        loss_sum += target_ce[rows].sum()
         if labels is not None:
             label = labels[rows]
             label_logit = logits.gather(1, label.clamp_min(0)[:, None]).squeeze(1).float()
@@ -101,15 +104,15 @@ def _forward(hidden: Tensor, weight: Tensor, targets: Tensor, labels: Tensor | N
             grad_logits = _chunk_gradient(logits, log_z, target.clamp_min(0), valid)
             grad_hidden[rows] = grad_logits @ weight
             grad_weight += (grad_logits.T @ hidden[rows]).float()
-    return loss_sum, correct, label_ce, grad_hidden, grad_weight
+    return loss_sum, target_ce, label_ce, grad_hidden, grad_weight
 
 
-def _statistics(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per row, in fp32: log-sum-exp, the target's logit, the maximum logit."""
+def _statistics(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row, in fp32: log-sum-exp and the target's logit."""
     x = logits.float()
     row_max = x.amax(dim=-1)
     log_z = row_max + (x - row_max[:, None]).exp().sum(dim=-1).log()
-    return log_z, x.gather(1, target[:, None]).squeeze(1), row_max
+    return log_z, x.gather(1, target[:, None]).squeeze(1)
 
 
 def _gradient(logits: Tensor, log_z: Tensor, target: Tensor, valid: Tensor) -> Tensor:

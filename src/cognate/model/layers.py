@@ -188,11 +188,18 @@ class KVCache:
                     mask &= key > query - window
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
             k, v = keys, values
+        self._keep(k, v, window)
+        return out
+
+    def append(self, k: Tensor, v: Tensor, window: int | None) -> None:
+        """Remember new keys and values without attending (a halted token's, which later tokens still read)."""
+        self._keep(torch.cat((self.keys, k), dim=-2), torch.cat((self.values, v), dim=-2), window)
+
+    def _keep(self, k: Tensor, v: Tensor, window: int | None) -> None:
         if window is not None:  # the next query sees only the window - 1 tokens before it
             first = max(0, k.size(-2) - (window - 1))
             k, v = k[:, :, first:], v[:, :, first:]
         self.keys, self.values = k, v
-        return out
 
     @classmethod
     def empty(cls, batch: int, heads: int, head_dim: int, device, dtype) -> KVCache:
@@ -208,7 +215,11 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x: Tensor, rotary: Rotary, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, rotary: Rotary, cache: KVCache | None = None, rows: Tensor | None = None
+    ) -> Tensor:
+        """x: [B, S, D] -> [B, S, D]; with `rows` (indices into the flattened B·S tokens), only those tokens'
+        outputs [n, D], while every token's keys and values are attended to."""
         batch, seq, d_model = x.shape
         q, k, v = self.qkv(x).view(batch, seq, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = rotary.apply(q), rotary.apply(k)
@@ -216,7 +227,17 @@ class SelfAttention(nn.Module):
             y = causal_attention(q, k, v, self.window, self.dropout if self.training else 0.0)
         else:
             y = cache.attend(q, k, v, self.window)
-        return self.out(y.transpose(1, 2).reshape(batch, seq, d_model))
+        y = y.transpose(1, 2).reshape(batch, seq, d_model)
+        if rows is not None:
+            y = y.flatten(0, 1).index_select(0, rows)
+        return self.out(y)
+
+    def lend_keys_values(self, x: Tensor, rotary: Rotary, cache: KVCache) -> None:
+        """Only the keys and values of x [B, S, D], into the cache: two of the three input projections."""
+        batch, seq, d_model = x.shape
+        kv = F.linear(x, self.qkv.weight[d_model:]).view(batch, seq, 2, self.n_heads, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4)
+        cache.append(rotary.apply(k), v, self.window)
 
 
 class SwiGLU(nn.Module):
@@ -231,7 +252,13 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block: self-attention, then the memory read (MAG-gated, zero without a bank), then the FFN."""
+    """Pre-norm block: self-attention, then the memory read (MAG-gated, zero without a bank), then the FFN.
+
+    With `rows` (evaluation with per-token halting) only those tokens of the flattened [B·S] batch are refined. The
+    others have halted: their residual stream stays their frozen step input, and they only lend attention their
+    keys and values, projected from it (CALM's state propagation); their attention output, memory read and FFN are
+    never computed, and when no token is left the block runs nothing but those projections, into the cache.
+    """
 
     def __init__(self, cfg: CognateConfig) -> None:
         super().__init__()
@@ -244,11 +271,26 @@ class Block(nn.Module):
         self._init_weights(cfg)
 
     def forward(
-        self, x: Tensor, rotary: Rotary, bank: MemoryBank | None = None, cache: KVCache | None = None
+        self,
+        x: Tensor,
+        rotary: Rotary,
+        bank: MemoryBank | None = None,
+        cache: KVCache | None = None,
+        rows: Tensor | None = None,
     ) -> Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), rotary, cache))
-        x = x + self.memory_read(x, bank)
-        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+        if rows is None:
+            x = x + self.dropout(self.attn(self.attn_norm(x), rotary, cache))
+            x = x + self.memory_read(x, bank)
+            return x + self.dropout(self.ffn(self.ffn_norm(x)))
+        if not rows.numel():
+            if cache is not None:
+                self.attn.lend_keys_values(self.attn_norm(x), rotary, cache)
+            return x
+        flat = x.flatten(0, 1)
+        y = flat.index_select(0, rows) + self.attn(self.attn_norm(x), rotary, cache, rows)
+        y = y + self.memory_read(y, bank, rows)
+        y = y + self.ffn(self.ffn_norm(y))
+        return flat.index_copy(0, rows, y.to(flat.dtype)).view_as(x)
 
     def _init_weights(self, cfg: CognateConfig) -> None:
         # GPT-2's scheme: N(0, 0.02), with the projections that write into the residual stream scaled down by

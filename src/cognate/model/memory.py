@@ -346,20 +346,28 @@ class MemoryRead(nn.Module):
             nn.init.normal_(linear.weight, std=0.02)
         nn.init.normal_(self.out.weight, std=0.02 / math.sqrt(2 * cfg.n_layers))
 
-    def forward(self, x: Tensor, bank: MemoryBank | None) -> Tensor:
-        """The residual update [B, S, d_model]; zeros when there is no memory to read."""
+    def forward(self, x: Tensor, bank: MemoryBank | None, rows: Tensor | None = None) -> Tensor:
+        """The residual update for x [B, S, d_model], or for the tokens `rows` of the flattened [B·S] batch,
+        x [n, d_model] (only theirs is computed); zeros when there is no memory to read."""
         if bank is None or bank.n_slots == 0:
             return torch.zeros_like(x)
-        batch, seq_len, d_model = x.shape
+        batch, seq_len = bank.read_bias.shape[:2]
+        d_model = x.size(-1)
         h = self.norm(x)
-        q = self.query(h).view(batch, seq_len, self.n_heads, -1).transpose(1, 2)
+        q = self.query(h).reshape(-1, d_model)
+        if rows is not None:  # slots are read per sequence: place the rows' queries in the [B, S] layout
+            q = q.new_zeros(batch * seq_len, d_model).index_copy(0, rows, q)
+        q = q.view(batch, seq_len, self.n_heads, -1).transpose(1, 2)
         k = self.key(bank.keys).view(batch, bank.n_slots, self.n_heads, -1).transpose(1, 2)
         v = self.value(bank.values).view(batch, bank.n_slots, self.n_heads, -1).transpose(1, 2)
         read = F.scaled_dot_product_attention(q, k, v, attn_mask=bank.read_bias[:, None].to(q.dtype))
-        read = self.out(read.transpose(1, 2).reshape(batch, seq_len, d_model))
+        read, reads = read.transpose(1, 2).reshape(batch * seq_len, d_model), bank.reads.reshape(-1, 1)
+        if rows is not None:
+            read, reads = read.index_select(0, rows), reads.index_select(0, rows)
+        read = self.out(read).view_as(x)
         gate = torch.sigmoid(self.gate(h))
         bank.gate_means.append(gate.detach().mean())
-        return gate * read * bank.reads.to(read.dtype)
+        return gate * read * reads.view(*x.shape[:-1], 1).to(read.dtype)
 
 
 def _chunk_surprise(surprise: Tensor, n_chunks: int, chunk_size: int) -> Tensor:

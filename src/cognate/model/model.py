@@ -3,15 +3,23 @@
     e   = embed(x) · √d                                    token embedding, unit RMS
     h_0 = e
     h_t = core(h_{t-1} + e)                                 t = 1..T; core = blocks, then RMS normalisation
-    logits_t = lm_head(final_norm(h_t))                     every step is supervised (deep supervision)
-    q_t = sigmoid(halting(final_norm(h_t)))                 per-token halting probability
+    logits_t = lm_head(final_norm(h_t))                     the prediction of step t
+    q_t = sigmoid(halting(final_norm(h_t)))                 per-token halting probability (cognate.model.act)
 
-Training runs `t_train` steps, the first `t_train - grad_steps` under no_grad (TRM's trick: memory does not grow
-with T), and L_ref is the mean next-token CE over the steps with gradients. Evaluation runs `t_infer` steps; a
-token halts at the first step whose q_t passes `act_threshold`, and from then on keeps its state (so its logits
-stop changing) while the other tokens go on. In every block the memory read of step t comes from a bank built
-from h_{t-1}. The data pipeline shifts labels (targets[:, i] is the token after input_ids[:, i]); the model never
-does.
+Training runs T = `t_train` steps. Deep supervision matches inference: every step inference may answer from,
+1..t_infer, carries a loss, and so do the last `grad_steps` steps; the steps in between run under no_grad (TRM's
+trick: memory does not grow with T). With S = {1..t_infer} ∪ {t_train - grad_steps + 1..t_train},
+
+    L_ref = (1/|S|) Σ_{t∈S} CE(logits_t, targets),    L_act = BCE(q_t, [CE_t <= CE_t_infer + act_tolerance]), t < t_infer.
+
+Evaluation runs t_infer steps. A token halts after the first step t whose q_t passes `act_threshold`: its state h_t
+is frozen and the later steps skip it — no block, LM head or halting head runs for it. Later tokens still attend
+to it at those steps; its keys and values there are projected from its frozen step input h_t + e in every layer
+(CALM's state propagation, Schuster et al. 2022; exact in each step's first layer, where that is the input). So a
+token's cost is the steps it ran, and what this rule costs in loss against running every step is measured
+(`cognate bench generate`, halting_loss_delta). Generation uses the same rule, token by token. In every block the
+memory read of step t comes from a bank built from h_{t-1}. The data pipeline shifts labels (targets[:, i] is the
+token after input_ids[:, i]); the model never does.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from cognate.model.act import HaltingHead, act_loss, first_halting_step, step_statistics
+from cognate.model.act import HaltingHead, act_loss, first_halting_step, halting_targets, step_statistics
 from cognate.model.config import CognateConfig
 from cognate.model.generate import DecodeState, generate
 from cognate.model.head import IGNORE_INDEX, fused_linear_cross_entropy
@@ -36,7 +44,9 @@ from cognate.model.memory import LongTermMemory, MemoryBank, MemoryState
 @dataclass
 class CognateOutput:
     loss: Tensor | None  # L_ref + w_act·L_act + w_read·L_read + w_write·L_write; None without targets
-    losses: dict[str, Tensor]  # ref, act, read, write (0 when that part is off or there is nothing to score)
+    # ref, act, read, write (0 when that part is off or there is nothing to score; act is 0 in evaluation, where
+    # halted tokens never reach the step its target compares with)
+    losses: dict[str, Tensor]
     # [B, S, V] final logits (in evaluation: each token's logits at its halting step). None when targets are given:
     # the fused head computes the loss without materialising them.
     logits: Tensor | None
@@ -44,6 +54,9 @@ class CognateOutput:
     memory: dict[str, Tensor]  # the memory's statistics for this call (empty when memory is off)
     # The memory after this call, to pass to the next call that continues the sequence; None when memory is off.
     memory_state: MemoryState | None
+    # In evaluation with targets: per step 1..n_steps, each token's CE [B, S] after that step (a halted token's at
+    # its halting step; 0 where the target is ignored); the last one's mean over scored tokens is L_ref. Else empty.
+    step_losses: list[Tensor]
 
 
 class CognateModel(nn.Module):
@@ -94,51 +107,51 @@ class CognateModel(nn.Module):
     ) -> CognateOutput:
         cfg = self.cfg
         e, rotary = self._embed(input_ids, start=0)
-        first_grad_step = n_steps - min(cfg.grad_steps, n_steps) + 1
+        answer_step = min(cfg.t_infer, n_steps)  # the deepest step inference answers from
         fused = targets is not None  # the loss without materialising logits (see cognate.model.head)
         surprise_labels = next_token_labels(input_ids) if fused and memory_on else None
         valid = _valid(input_ids, targets)
         n_valid = valid.sum().clamp_min(1)
         h, surprise, logits = e, None, None
-        banks: list[MemoryBank] = []
-        ref_losses, halt_logits, correct, halt_probs = [], [], [], []
+        banks, grad_banks = [], []
+        ref_losses, halt_logits, halt_probs, step_ce = [], [], [], []
         for step in range(1, n_steps + 1):
-            carries_grad = step >= first_grad_step
-            needs_head = carries_grad or memory_on
-            with contextlib.nullcontext() if carries_grad else torch.no_grad():
+            supervised = step <= answer_step or step > n_steps - cfg.grad_steps
+            needs_head = supervised or memory_on
+            with contextlib.nullcontext() if supervised else torch.no_grad():
                 bank = self.memory.build(step, h, surprise, memory_state) if memory_on else None
                 h = self._core(h + e, rotary, bank)
                 normed = self.norm(h)
-                halt_logit = self.halting(normed) if cfg.act_enabled else None
+                if cfg.act_enabled and step < answer_step:
+                    halt_logits.append(self.halting(normed))
+                    halt_probs.append(torch.sigmoid(halt_logits[-1].detach()))
                 if fused and needs_head:
                     head = self._head_loss(normed, targets, surprise_labels)
                 elif needs_head:
                     logits = self.lm_head(normed)
             if bank is not None:
                 banks.append(bank)
+                if supervised:
+                    grad_banks.append(bank)
                 surprise = (
                     _surprise_from_label_ce(head.label_ce.view_as(input_ids))
                     if fused
                     else token_surprise(logits.detach(), input_ids)
                 )
-            if halt_logit is not None:
-                halt_probs.append(torch.sigmoid(halt_logit.detach()))
-            if carries_grad and fused:
+            if fused and supervised:
                 ref_losses.append(head.loss_sum / n_valid)
-                if halt_logit is not None:
-                    halt_logits.append(halt_logit)
-                    correct.append(head.correct.view_as(targets))
+            if fused and step <= answer_step:
+                step_ce.append(head.target_ce.view_as(targets))
         steps = (
-            first_halting_step(halt_probs, cfg.act_threshold)
+            first_halting_step(halt_probs, cfg.act_threshold, answer_step)
             if halt_probs
-            else torch.full_like(input_ids, n_steps)
+            else torch.full_like(input_ids, answer_step)
         )
-        losses = {
-            "ref": torch.stack(ref_losses).mean() if ref_losses else _zero(e),
-            "act": act_loss(halt_logits, correct, valid, cfg) if halt_logits else _zero(e),
-        }
-        grad_banks = banks[first_grad_step - 1 :]
-        return self._output(logits, losses, targets, steps, halt_probs, valid, banks, grad_banks)
+        losses = {"ref": torch.stack(ref_losses).mean() if ref_losses else _zero(e), "act": _zero(e)}
+        if fused and halt_logits:
+            losses["act"] = act_loss(halt_logits, halting_targets(step_ce, cfg.act_tolerance), valid)
+        mean_halt = torch.stack(halt_probs).mean() if halt_probs else _zero(e)
+        return self._output(logits, losses, targets, steps, mean_halt, valid, banks, grad_banks, [])
 
     @torch.no_grad()
     def _refine_infer(
@@ -150,63 +163,72 @@ class CognateModel(nn.Module):
         n_steps: int,
         decode: DecodeState | None = None,
     ) -> CognateOutput:
-        """Evaluation with per-token halting; with `decode`, the incremental form generation uses.
+        """Evaluation with per-token halting (see the module docstring); with `decode`, the incremental form
+        generation uses.
 
-        With targets the fused head scores each step (as in training) and no logits are materialised: the final
-        states of halted tokens are frozen, so the last step's CE is each token's CE at its halting step.
+        Each step runs the blocks, the LM head and the halting head only for the tokens still refining (`rows`,
+        indices into the flattened B·S tokens); what a halted token had at its halting step (its CE, its logits,
+        its memory surprise) stays in place. With targets the fused head scores the steps and no logits are
+        materialised.
         """
         cfg = self.cfg
         e, rotary = self._embed(input_ids, start=decode.position if decode else 0)
         fused = targets is not None
+        flat_targets = targets.flatten() if fused else None
         surprise_labels = next_token_labels(input_ids) if fused and memory_on else None
-        h, surprise, logits, head = e, None, None, None
-        halted = torch.zeros_like(input_ids, dtype=torch.bool)
-        banks: list[MemoryBank] = []
-        halt_logits, correct, halt_probs, last_logits = [], [], [], []
+        valid = _valid(input_ids, targets)
+        n_valid = valid.sum().clamp_min(1)
+        n_tokens = input_ids.numel()
+        rows = torch.arange(n_tokens, device=input_ids.device)  # the tokens still refining
+        steps = torch.full((n_tokens,), n_steps, dtype=torch.long, device=input_ids.device)
+        # Fused: each token's CE at its latest step, against its target and against its surprise label.
+        token_ce = e.new_zeros(n_tokens, dtype=torch.float32)
+        label_ce = e.new_full((n_tokens,), float("nan"), dtype=torch.float32)
+        h, surprise, logits = e, None, None  # logits: [B·S, V] at each token's latest step, when needed
+        banks, last_logits, halt_probs, step_losses = [], [], [], []
         for step in range(1, n_steps + 1):
             bank = self.memory.build(step, h, surprise, memory_state) if memory_on else None
-            caches = decode.caches[step - 1] if decode else None
-            h = torch.where(halted[..., None], h, self._core(h + e, rotary, bank, caches))
-            normed = self.norm(h)
-            if fused and (bank is not None or cfg.act_enabled):
-                head = self._head_loss(normed, targets, surprise_labels)
-            elif not fused and (bank is not None or step == n_steps):
-                logits = self.lm_head(normed)
             if bank is not None:
                 banks.append(bank)
-                if fused:
-                    surprise = _surprise_from_label_ce(head.label_ce.view_as(input_ids))
-                else:
-                    previous = decode.last_logits[step - 1] if decode and decode.last_logits else None
-                    surprise = token_surprise(logits, input_ids, previous)
-                    last_logits.append(logits[:, -1])
-            if cfg.act_enabled:
-                halt_logit = self.halting(normed)
-                halt_probs.append(torch.sigmoid(halt_logit))
-                if fused:
-                    halt_logits.append(halt_logit)
-                    correct.append(head.correct.view_as(targets))
-                halted |= halt_probs[-1] > cfg.act_threshold
-            if halted.all() and not memory_on and decode is None:
-                break  # nothing left to refine; with memory every step's bank is still needed for the next call
-        valid = _valid(input_ids, targets)
-        steps = (
-            first_halting_step(halt_probs, cfg.act_threshold)
-            if halt_probs
-            else torch.full_like(input_ids, n_steps)
-        )
-        if fused and head is None:  # neither halting nor memory scored the steps: score the final states
-            head = self._head_loss(normed, targets, None)
-        if not fused and logits is None:  # stopped early: read out the (frozen) final states
-            logits = self.lm_head(normed)
+            caches = decode.caches[step - 1] if decode else None
+            refined = self._core(h + e, rotary, bank, caches, rows)
+            h = h.flatten(0, 1).index_copy(0, rows, refined.to(h.dtype)).view_as(h)
+            normed = self.norm(refined)
+            if fused:
+                labels = surprise_labels[rows] if surprise_labels is not None else None
+                head = fused_linear_cross_entropy(normed, self.lm_head.weight, flat_targets[rows], labels)
+                token_ce = token_ce.index_copy(0, rows, head.target_ce)
+                step_losses.append(token_ce.view_as(input_ids))
+                if bank is not None:
+                    label_ce = label_ce.index_copy(0, rows, head.label_ce)
+                    surprise = _surprise_from_label_ce(label_ce.view_as(input_ids))
+            elif bank is not None:
+                # Step 1 runs every token, so its logits fill every row; later steps overwrite the rows they ran.
+                new_logits = self.lm_head(normed)
+                logits = new_logits if logits is None else logits.index_copy(0, rows, new_logits)
+                dense = logits.view(*input_ids.shape, -1)
+                previous = decode.last_logits[step - 1] if decode and decode.last_logits else None
+                surprise = token_surprise(dense, input_ids, previous)
+                last_logits.append(dense[:, -1])
+            if cfg.act_enabled and step < n_steps and rows.numel():
+                q = torch.sigmoid(self.halting(normed))
+                halt_probs.append(q)
+                stops = q > cfg.act_threshold
+                steps[rows[stops]] = step
+                rows = rows[~stops]
+        if fused:
+            logits = None
+        elif logits is None:  # no memory: one readout of every token's final (for a halted one, frozen) state
+            logits = self.lm_head(self.norm(h))
+        else:
+            logits = logits.view(*input_ids.shape, -1)
         if decode is not None:
             decode.position += input_ids.size(1)
             decode.last_logits = last_logits
-        losses = {
-            "ref": head.loss_sum / valid.sum().clamp_min(1) if fused else _zero(e),
-            "act": act_loss(halt_logits, correct, valid, cfg) if halt_logits else _zero(e),
-        }
-        return self._output(logits, losses, targets, steps, halt_probs, valid, banks, banks)
+        losses = {"ref": token_ce.sum() / n_valid if fused else _zero(e), "act": _zero(e)}
+        mean_halt = torch.cat(halt_probs).mean() if halt_probs else _zero(e)
+        steps = steps.view_as(input_ids)
+        return self._output(logits, losses, targets, steps, mean_halt, valid, banks, banks, step_losses)
 
     @torch.no_grad()
     def decode(self, input_ids: Tensor, state: DecodeState) -> Tensor:
@@ -250,19 +272,27 @@ class CognateModel(nn.Module):
         )
 
     def _core(
-        self, x: Tensor, rotary: Rotary, bank: MemoryBank | None, caches: list[KVCache] | None = None
+        self,
+        x: Tensor,
+        rotary: Rotary,
+        bank: MemoryBank | None,
+        caches: list[KVCache] | None = None,
+        rows: Tensor | None = None,
     ) -> Tensor:
         """One refinement step: every block, then RMS normalisation of the state.
 
         Normalising the carried state keeps its scale the same after 2 steps or 16, which is what lets a model
-        trained with t_train steps run with a different t_infer.
+        trained with t_train steps run with a different t_infer. With `rows` (the tokens still refining, as
+        indices into the flattened B·S tokens) only those are refined and returned, [n, D]; see `Block`.
         """
         checkpointing = self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.layers):
             if checkpointing:
                 x = checkpoint(block, x, rotary, bank, use_reentrant=False)
             else:
-                x = block(x, rotary, bank, caches[i] if caches is not None else None)
+                x = block(x, rotary, bank, caches[i] if caches is not None else None, rows)
+        if rows is not None:
+            x = x.flatten(0, 1).index_select(0, rows)
         return rms_normalize(x, self.cfg.norm_eps)
 
     def _output(
@@ -271,10 +301,11 @@ class CognateModel(nn.Module):
         losses: dict[str, Tensor],
         targets: Tensor | None,
         steps: Tensor,
-        halt_probs: list[Tensor],
+        mean_halt: Tensor,
         valid: Tensor,
         banks: list[MemoryBank],
         loss_banks: list[MemoryBank],
+        step_losses: list[Tensor],
     ) -> CognateOutput:
         cfg = self.cfg
         if loss_banks:
@@ -290,11 +321,10 @@ class CognateModel(nn.Module):
                 + cfg.w_write * losses["write"]
             )
         mean_steps, var_steps = step_statistics(steps, valid)
-        mean_halt = torch.stack(halt_probs).mean() if halt_probs else _zero(losses["ref"])
         act = {"steps": steps, "mean_steps": mean_steps, "var_steps": var_steps, "mean_halt_prob": mean_halt}
         memory_state = self.memory.next_state(banks) if banks else None
         memory = self.memory.stats(banks) if banks else {}
-        return CognateOutput(total, losses, logits, act, memory, memory_state)
+        return CognateOutput(total, losses, logits, act, memory, memory_state, step_losses)
 
 
 def token_surprise(logits: Tensor, input_ids: Tensor, previous_logits: Tensor | None = None) -> Tensor:

@@ -38,6 +38,11 @@ def format_line(row: dict) -> str:
         value = row.get(name)
         if value is not None:
             parts.append(f"{name} {fmt.format(value)}")
+        if name == "val_loss":  # then what each refinement step adds: val_loss_step_1, val_loss_step_2, ...
+            steps = sorted(
+                (k for k in row if k.startswith("val_loss_step_")), key=lambda k: int(k.rsplit("_")[-1])
+            )
+            parts += [f"{k.removeprefix('val_loss_')} {row[k]:.4f}" for k in steps]
     return " | ".join(parts)
 
 

@@ -65,40 +65,48 @@ def flops_per_token(model: CognateModel, seq_len: int, *, training: bool = True)
     return sum(flops_breakdown(model, seq_len, training=training).values())
 
 
+def supervised_steps(cfg) -> set[int]:
+    """The training steps that carry a loss and gradients: 1..t_infer (every step inference may answer from) and
+    the last grad_steps; the steps in between run under no_grad."""
+    answer_step = min(cfg.t_infer, cfg.t_train)
+    return set(range(1, answer_step + 1)) | set(range(cfg.t_train - cfg.grad_steps + 1, cfg.t_train + 1))
+
+
 def flops_breakdown(model: CognateModel, seq_len: int, *, training: bool = True) -> dict[str, float]:
-    """FLOPs per token by what runs: the blocks of the steps with gradients and of the no_grad steps, the halting
+    """FLOPs per token by what runs: the blocks of the supervised steps and of the no_grad steps, the halting
     head, the memory and the LM head (each summed over the steps it runs on).
 
     Every refinement step runs the blocks (2 FLOPs per matmul weight, plus attention's two matmuls over the causal
-    half of the visible context) and, with ACT on, the halting head. The memory (its reads in every block and the
-    write/read projections) runs only where the sequence is long enough to turn it on. The LM head runs on the
-    steps with gradients, and on every step when the memory needs its surprise. A step with gradients costs 3x its
-    forward; the first t_train - grad_steps steps run under no_grad and cost one forward.
+    half of the visible context); the halting head runs on steps 1..t_infer - 1, where it decides. The memory (its
+    reads in every block and the write/read projections) runs only where the sequence is long enough to turn it
+    on. Training supervises steps 1..t_infer and the last grad_steps: each costs 3x its forward with the LM head;
+    the steps in between run under no_grad and cost one forward, with the LM head only when the memory needs its
+    surprise. Inference counts every step for every token: halting can only lower it.
     """
     cfg = model.cfg
     memory_on = cfg.mem_enabled and seq_len >= cfg.mem_min_seq_len
     context = min(seq_len, cfg.attn_window or seq_len)
     attention = 2 * 2 * cfg.n_layers * cfg.d_model * context / 2
     blocks = 2 * sum(matmul_params(block.attn, block.ffn) for block in model.layers) + attention
-    halting = 2 * matmul_params(model.halting) if cfg.act_enabled else 0.0
     memory = (
         2 * matmul_params(model.memory, *(block.memory_read for block in model.layers)) if memory_on else 0.0
     )
     head = 2 * matmul_params(model.lm_head)
+    answer_step = min(cfg.t_infer, cfg.t_train if training else cfg.t_infer)
+    halting = (answer_step - 1) * 2 * matmul_params(model.halting) if cfg.act_enabled else 0.0
     if not training:
-        steps = cfg.t_infer
         return {
-            "blocks": steps * blocks,
-            "halting": steps * halting,
-            "memory": steps * memory,
+            "blocks": cfg.t_infer * blocks,
+            "halting": halting,
+            "memory": cfg.t_infer * memory,
             "lm_head": head,
         }
-    grad_steps = min(cfg.grad_steps, cfg.t_train)
-    no_grad_steps = cfg.t_train - grad_steps
+    supervised = len(supervised_steps(cfg))
+    unsupervised = cfg.t_train - supervised
     return {
-        "grad_step_blocks": 3 * grad_steps * blocks,
-        "no_grad_step_blocks": no_grad_steps * blocks,
-        "halting": (3 * grad_steps + no_grad_steps) * halting,
-        "memory": (3 * grad_steps + no_grad_steps) * memory,
-        "lm_head": 3 * grad_steps * head + (no_grad_steps * head if memory_on else 0.0),
+        "grad_step_blocks": 3 * supervised * blocks,
+        "no_grad_step_blocks": unsupervised * blocks,
+        "halting": 3 * halting,
+        "memory": (3 * supervised + unsupervised) * memory,
+        "lm_head": 3 * supervised * head + (unsupervised * head if memory_on else 0.0),
     }

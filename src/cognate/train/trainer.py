@@ -308,28 +308,32 @@ def _global_sum(values: torch.Tensor, dist: Distributed) -> torch.Tensor:
 
 @torch.no_grad()
 def validate(model, data: TrainingData, n_batches: int, autocast, dist: Distributed) -> dict:
-    """Token-weighted mean loss over the held-out split, with the model in inference mode (t_infer steps, ACT)."""
+    """Token-weighted mean loss over the held-out split, with the model in inference mode (t_infer steps, ACT):
+    overall, after each refinement step (val_loss_step_t), and the mean and variance of the halting step."""
     model.eval()
-    loss_sum = torch.zeros(2, device=dist.device, dtype=torch.float64)
-    act_steps = []
+    # Token-weighted sums: loss, tokens, halting step, its square, then the loss after each step.
+    sums = torch.zeros(4 + model.cfg.t_infer, device=dist.device, dtype=torch.float64)
     for input_ids, targets in data.validation_batches(n_batches):
         input_ids, targets = input_ids.to(dist.device), targets.to(dist.device)
         with autocast():
             out = model(input_ids, targets=targets)
-        valid = int((targets != -100).sum())
-        loss_sum += torch.tensor(
-            [float(out.losses["ref"]) * valid, valid], device=dist.device, dtype=torch.float64
-        )
-        act_steps.append(float(out.act["mean_steps"]))
+        valid = targets != -100
+        n_valid = int(valid.sum())
+        if n_valid:
+            steps = out.act["steps"][valid].double()
+            step_losses = [losses[valid].mean() for losses in out.step_losses]
+            means = [out.losses["ref"], 1.0, steps.mean(), steps.square().mean(), *step_losses]
+            sums += torch.tensor([float(x) for x in means], device=dist.device, dtype=torch.float64) * n_valid
     if dist.enabled:
-        torch.distributed.all_reduce(loss_sum)
+        torch.distributed.all_reduce(sums)
     model.train()
-    val_loss = (loss_sum[0] / loss_sum[1].clamp_min(1)).item()
+    loss, _, steps, steps_squared, *step_losses = (sums / sums[1].clamp_min(1)).tolist()
     return {
-        "val_loss": val_loss,
-        "val_ppl": math.exp(min(val_loss, 50.0)),
-        "val_act_mean_steps": sum(act_steps) / max(len(act_steps), 1),
-    }
+        "val_loss": loss,
+        "val_ppl": math.exp(min(loss, 50.0)),
+        "val_act_mean_steps": steps,
+        "val_act_var_steps": max(steps_squared - steps**2, 0.0),
+    } | {f"val_loss_step_{t}": value for t, value in enumerate(step_losses, start=1)}
 
 
 def _write_samples(model, tokenizer, config: TrainConfig, step: int, path: Path) -> None:
