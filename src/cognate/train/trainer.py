@@ -388,7 +388,8 @@ def _weights_are_sound(model, data: TrainingData, autocast, dist: Distributed) -
 def _last_good(run_dir: Path, step: int | None) -> str:
     if step is None:
         return (
-            "no checkpoint with sound weights was written; lower the learning rate (lr, muon_lr) and restart"
+            "no checkpoint with sound weights was written; lower the learning rate (lr, muon_lr) and start "
+            "again with --overwrite"
         )
     return f"the last good checkpoint is {run_dir / CHECKPOINT} (step {step}); --resume continues from it"
 
