@@ -54,6 +54,7 @@ def test_cached_uncached_and_exported_generation_give_the_same_tokens(capsys, tm
     report = bench(capsys, "--model", str(tmp_path / "model"), *sizes)
     assert report["mismatched_arms"] == []
     assert report["same_tokens"] is True
+    assert report["hf_uses_kv_cache"] is True  # the export reads one token per call after the prompt
 
 
 def test_a_prompt_longer_than_the_model_allows_is_refused():
