@@ -20,8 +20,8 @@ the fused head at no extra cost (cognate.model.head).
 
 Initialisation. The output bias starts at -0.5 (q ≈ 0.38), a little below the default threshold: an untrained model
 refines every token, and a few hundred updates suffice to cross. (A start at q = 0.12 could not: the bias learns at
-the AdamW rate, and in the tiny preset's 175 updates with 92% positive targets it moved from -2.00 to -1.96 and mean
-q only to 0.23.) The start does not depend on `act_threshold`, so training never reads the threshold: it is an
+the AdamW rate, and in about 150 updates of the tiny preset with 92% positive targets it moved from -2.00 to -1.96
+and mean q only to 0.23.) The start does not depend on `act_threshold`, so training never reads the threshold: it is an
 inference setting, and the loss it costs can be measured for any value on one trained model.
 """
 
