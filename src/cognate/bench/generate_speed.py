@@ -6,12 +6,15 @@ In one process, on the same weights and the same random prompt, greedy decoding 
     hf        the weights exported with `export_hf` to a temporary folder, loaded with
               `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`, `.generate(do_sample=False)`
 each timed after an untimed warm-up. Tokens/s counts the generated tokens of the whole batch over the wall time of
-the call, prompt processing included. Halting is measured against forcing every step (`halting_report`):
+the call, prompt processing included. Whether the export really uses a cache is measured, not assumed: a hook
+records the length of every input its model is given (a cached decoder sees one token per call after the prompt).
+
+Halting is measured against forcing every step (`halting_report`):
     halting     the cached arm again: a token that halts skips its later steps but their key/value projections
     forced      the same weights with act_enabled=False: every refinement step for every token
-with the mean halting step of the generated tokens and halting_loss_delta, the validation loss with halting minus
-with every step, on `--data` (default: the data folder the model's training_stats.json names; null without one). Whether the export really uses a cache is measured, not assumed: a hook
-records the length of every input its model is given (a cached decoder sees one token per call after the prompt).
+timed alternately (median of `--repeats` each), so that a change in the machine's load hits both alike; with the
+mean halting step of the generated tokens, and halting_loss_delta, the validation loss with halting minus with every
+step, on `--data` (default: the data folder the model's training_stats.json names; null without one).
 """
 
 from __future__ import annotations
@@ -196,13 +199,19 @@ def halting_report(
     device = prompt.device
     forced = CognateModel(model.cfg.replace(act_enabled=False)).to(device).eval()
     forced.load_state_dict(model.state_dict())
-    report, generated = {}, None
-    for name, arm in (("halting", model), ("forced", forced)):
-        out, seconds = timed_generation(
-            native_generate(arm, prompt, args.new_tokens, True, autocast), device, args.repeats
-        )
-        report[f"{name}_tokens_per_s"] = report_arm(name, seconds)
-        generated = out if generated is None else generated
+    seconds: dict[str, list[float]] = {"halting": [], "forced": []}
+    for _ in range(args.repeats):  # alternated, so a change in the machine's load hits both arms alike
+        for name, arm in (("halting", model), ("forced", forced)):
+            out, elapsed = timed_generation(
+                native_generate(arm, prompt, args.new_tokens, True, autocast), device, 1
+            )
+            seconds[name].append(elapsed)
+            if name == "halting":
+                generated = out
+    report = {
+        f"{name}_tokens_per_s": report_arm(name, sorted(times)[len(times) // 2])
+        for name, times in seconds.items()
+    }
     # Halting steps of the positions whose predictions were the generated tokens, by the rule generation used
     # (memory read at any length: an empty state turns it on).
     memory_state = None
