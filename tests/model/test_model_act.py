@@ -1,11 +1,14 @@
 """The ACT halting loss and statistics: bounded, trained, and pushing halting apart across tokens."""
 
+import math
+
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from model_testing import small_config
 
-from cognate.model.act import act_loss, first_halting_step, step_statistics
+from cognate.model.act import HaltingHead, act_loss, first_halting_step, step_statistics
 
 CFG = small_config(act_entropy_weight=0.01, act_diversity_weight=0.05, act_target_variance=0.05)
 
@@ -65,3 +68,62 @@ def test_first_halting_step_is_the_first_step_past_the_threshold_else_the_last()
     assert first_halting_step(probs, 0.5).tolist() == [[1, 2, 3]]
     mean, var = step_statistics(torch.tensor([[1, 2, 3]]), torch.tensor([[True, True, False]]))
     assert mean.item() == 1.5 and var.item() == 0.25
+
+
+def test_act_loss_by_hand_on_two_steps_and_two_sequences():
+    # Every term restated from the docstring in plain Python: per step, the token mean of BCE(q, correct) +
+    # w_ent·(ln 2 − H(q)) over valid tokens, plus w_div · the sequence mean of relu(target − Var(q)); then the mean
+    # over steps. Sequence 2 has one valid token, so it has no variance and does not count in the diversity mean.
+    cfg = CFG.replace(act_entropy_weight=0.1, act_diversity_weight=0.5, act_target_variance=0.2)
+    logits = [
+        torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.0, -0.5]]),
+        torch.tensor([[-2.0, 0.3, 1.0], [0.2, 3.0, 1.0]]),
+    ]
+    correct = [torch.tensor([[1, 0, 1], [0, 1, 1]]).bool(), torch.tensor([[0, 1, 1], [1, 1, 0]]).bool()]
+    valid = torch.tensor([[True, True, True], [True, False, False]])
+
+    def by_hand(step_logits, step_correct):
+        terms, spreads = [], []
+        for row_logits, row_correct, row_valid in zip(
+            step_logits.tolist(), step_correct.tolist(), valid.tolist()
+        ):
+            qs = []
+            for logit, right, counts in zip(row_logits, row_correct, row_valid):
+                if not counts:
+                    continue
+                q = 1 / (1 + math.exp(-logit))
+                bce = -(math.log(q) if right else math.log(1 - q))
+                entropy = -q * math.log(q) - (1 - q) * math.log(1 - q)
+                terms.append(bce + 0.1 * (math.log(2) - entropy))
+                qs.append(q)
+            if len(qs) >= 2:
+                mean = sum(qs) / len(qs)
+                spreads.append(max(0.0, 0.2 - sum((q - mean) ** 2 for q in qs) / len(qs)))
+        return sum(terms) / len(terms) + 0.5 * sum(spreads) / len(spreads)
+
+    expected = (by_hand(logits[0], correct[0]) + by_hand(logits[1], correct[1])) / 2
+    assert act_loss(logits, correct, valid, cfg).item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError):  # one `correct` per step, or the loss would silently drop steps
+        act_loss(logits, correct[:1], valid, cfg)
+
+
+def test_halting_is_strictly_past_the_threshold_and_one_step_halts_at_it():
+    assert first_halting_step([torch.tensor([[0.5, 0.51]])], 0.5).tolist() == [[1, 1]]
+    probs = [torch.tensor([[0.5, 0.51]]), torch.tensor([[0.5, 0.2]])]
+    assert first_halting_step(probs, 0.5).tolist() == [[2, 1]]
+    mean, var = step_statistics(torch.tensor([[3, 1]]), torch.tensor([[True, False]]))  # a single valid token
+    assert (mean.item(), var.item()) == (3.0, 0.0)
+
+
+def test_a_new_halting_head_is_pessimistic_for_every_state():
+    # The module docstring: an untrained head gives q ≈ 0.12 (bias −2, small weights), so tokens refine fully.
+    head = HaltingHead(small_config())
+    states = torch.nn.functional.rms_norm(
+        torch.randn(4, 9, small_config().d_model), (small_config().d_model,)
+    )
+    logits = head(states)
+    assert logits.shape == (4, 9) and logits.dtype == torch.float32
+    q = torch.sigmoid(logits)
+    assert q.min() > 0.10 and q.max() < 0.14
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert head(states).dtype == torch.float32  # the loss is computed on float32 logits
