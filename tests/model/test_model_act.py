@@ -70,19 +70,21 @@ def test_first_halting_step_is_the_first_step_past_the_threshold_else_the_last()
     assert mean.item() == 1.5 and var.item() == 0.25
 
 
-def test_act_loss_by_hand_on_two_steps_and_two_sequences():
+def test_act_loss_by_hand_on_two_steps_and_three_sequences():
     # Every term restated from the docstring in plain Python: per step, the token mean of BCE(q, correct) +
-    # w_ent·(ln 2 − H(q)) over valid tokens, plus w_div · the sequence mean of relu(target − Var(q)); then the mean
-    # over steps. Sequence 2 has one valid token, so it has no variance and does not count in the diversity mean.
+    # w_ent·(ln 2 − H(q)) over valid tokens, plus w_div · the mean over sequences with 2+ valid tokens of
+    # relu(target − Var(q)); then the mean over steps. The sequences have 3, 2 and 1 valid tokens.
     cfg = CFG.replace(act_entropy_weight=0.1, act_diversity_weight=0.5, act_target_variance=0.2)
     logits = [
-        torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.0, -0.5]]),
-        torch.tensor([[-2.0, 0.3, 1.0], [0.2, 3.0, 1.0]]),
+        torch.tensor([[0.5, -1.0, 2.0], [1.5, -0.5, 0.7], [0.2, 0.0, 9.0]]),
+        torch.tensor([[-2.0, 0.3, 1.0], [0.2, 3.0, 1.0], [-1.0, 4.0, 4.0]]),
     ]
-    correct = [torch.tensor([[1, 0, 1], [0, 1, 1]]).bool(), torch.tensor([[0, 1, 1], [1, 1, 0]]).bool()]
-    valid = torch.tensor([[True, True, True], [True, False, False]])
+    correct = [
+        torch.tensor([[1, 0, 1], [0, 1, 1], [1, 0, 0]]).bool(),
+        torch.tensor([[0, 1, 1], [1, 1, 0], [0, 0, 1]]).bool(),
+    ]
 
-    def by_hand(step_logits, step_correct):
+    def by_hand(step_logits, step_correct, valid):
         terms, spreads = [], []
         for row_logits, row_correct, row_valid in zip(
             step_logits.tolist(), step_correct.tolist(), valid.tolist()
@@ -99,12 +101,15 @@ def test_act_loss_by_hand_on_two_steps_and_two_sequences():
             if len(qs) >= 2:
                 mean = sum(qs) / len(qs)
                 spreads.append(max(0.0, 0.2 - sum((q - mean) ** 2 for q in qs) / len(qs)))
-        return sum(terms) / len(terms) + 0.5 * sum(spreads) / len(spreads)
+        return sum(terms) / len(terms) + (0.5 * sum(spreads) / len(spreads) if spreads else 0.0)
 
-    expected = (by_hand(logits[0], correct[0]) + by_hand(logits[1], correct[1])) / 2
-    assert act_loss(logits, correct, valid, cfg).item() == pytest.approx(expected, rel=1e-5)
+    three_two_one = torch.tensor([[True, True, True], [True, True, False], [True, False, False]])
+    one = torch.tensor([[False, True, False], [False, False, False], [False, False, False]])
+    for valid in (three_two_one, one):
+        expected = sum(by_hand(lg, c, valid) for lg, c in zip(logits, correct)) / 2
+        assert act_loss(logits, correct, valid, cfg).item() == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError):  # one `correct` per step, or the loss would silently drop steps
-        act_loss(logits, correct[:1], valid, cfg)
+        act_loss(logits, correct[:1], three_two_one, cfg)
 
 
 def test_halting_is_strictly_past_the_threshold_and_one_step_halts_at_it():
