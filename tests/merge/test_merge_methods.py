@@ -244,6 +244,10 @@ def test_bf16_inputs_are_merged_in_float32_and_returned_in_bf16():
             methods.slerp_tensors(a, colinear, 0.4),
             lambda x, y: methods.slerp_tensors(x, colinear.float(), 0.4),
         ),
+        "slerp from zero": (  # a ~zero tensor has no direction: lerp
+            methods.slerp_tensors(torch.zeros_like(a), b, 0.4),
+            lambda x, y: methods.slerp_tensors(torch.zeros_like(x), y, 0.4),
+        ),
         "ties": (
             methods.ties_tensors(base, [a, b], [1.0, 0.5], density=0.5),
             lambda x, y: methods.ties_tensors(base.float(), [x, y], [1.0, 0.5], density=0.5),
