@@ -9,8 +9,9 @@ test files, runs it with OMP_NUM_THREADS=1 at low priority, and prints the score
     python tools/mutation.py src/cognate/optim/muon.py  # one
     python tools/mutation.py --survivors ...            # also print each surviving mutant's diff
 
-The score is killed / (killed + survived); "no tests" (mutants in code no selected test runs) and timeouts are
-counted apart. Equivalent survivors are judged by hand and listed in docs/testing.md.
+The score is (killed + timeout) / all mutants: a mutant that no selected test runs ("no tests") counts as a
+survivor, a timeout as killed (as mutmut counts it). Equivalent survivors are judged by hand and listed in
+docs/testing.md.
 """
 
 from __future__ import annotations
@@ -140,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         run_mutmut(scratch, args.max_children)
         statuses = results(scratch)
         counts = Counter(statuses.values())
-        judged = counts["killed"] + counts["survived"]
-        rows[module] = {**counts, "score": counts["killed"] / judged if judged else None}
+        total = sum(counts.values())
+        rows[module] = {**counts, "score": (counts["killed"] + counts["timeout"]) / total if total else None}
         if args.survivors:
             print(survivor_diffs(scratch, sorted(n for n, s in statuses.items() if s == "survived")))
     print("\n| module | mutants | killed | survived | no tests | timeout | score |")

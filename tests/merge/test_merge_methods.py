@@ -201,6 +201,10 @@ def test_dare_ties_elects_signs_on_the_dropped_vectors():
     torch.testing.assert_close(merged, t(5.0, 0.0, -10.0, 6.0, -4.0, -4.0))
     linear = methods.dare_tensors(base, models, [1.0, 1.0], 0.5, torch.Generator().manual_seed(0))
     torch.testing.assert_close(linear, t(10.0, 0.0, -6.0, 6.0, -2.0, -4.0))  # plain sum: no election, no mean
+    unscaled = methods.dare_tensors(
+        base, models, [1.0, 1.0], 0.5, torch.Generator().manual_seed(0), rescale=False
+    )
+    torch.testing.assert_close(unscaled, t(5.0, 0.0, -3.0, 3.0, -1.0, -2.0))  # survivors kept as they were
 
 
 def test_dare_state_dict_is_deterministic_per_seed_and_tensor_name():
@@ -225,23 +229,46 @@ def test_density_outside_zero_one_is_rejected():
 
 
 def test_bf16_inputs_are_merged_in_float32_and_returned_in_bf16():
-    # 1 + 2^-8 is not a bf16 number: accumulating in bf16 would round each partial sum; float32 keeps them.
-    a = torch.tensor([1.0, 3.0, -2.0]).bfloat16()
-    b = torch.tensor([1.0078125, 2.0, 5.0]).bfloat16()
-    base = torch.tensor([0.5, 0.5, 0.5]).bfloat16()
+    # The same merge of the same values in float32, rounded once to bf16 at the end: computing in bf16 instead
+    # would round every intermediate sum and difference (4,096 random entries make that visible).
+    generator = torch.Generator().manual_seed(0)
+    a, b, base = (torch.randn(4096, generator=generator).bfloat16() for _ in range(3))
+    colinear = (2.0 * a.float()).bfloat16()  # |cos| ~ 1: slerp falls back to lerp
     merges = {
-        "linear": (methods.linear_tensors([a, b], [0.3, 0.7]), lambda x, y: 0.3 * x + 0.7 * y),
+        "linear": (
+            methods.linear_tensors([a, b], [0.3, 0.7]),
+            lambda x, y: methods.linear_tensors([x, y], [0.3, 0.7]),
+        ),
         "slerp": (methods.slerp_tensors(a, b, 0.4), lambda x, y: methods.slerp_tensors(x, y, 0.4)),
+        "slerp colinear": (
+            methods.slerp_tensors(a, colinear, 0.4),
+            lambda x, y: methods.slerp_tensors(x, colinear.float(), 0.4),
+        ),
+        "slerp from zero": (  # a ~zero tensor has no direction: lerp
+            methods.slerp_tensors(torch.zeros_like(a), b, 0.4),
+            lambda x, y: methods.slerp_tensors(torch.zeros_like(x), y, 0.4),
+        ),
         "ties": (
-            methods.ties_tensors(base, [a, b], [1.0, 0.5], density=1.0),
-            lambda x, y: methods.ties_tensors(base.float(), [x, y], [1.0, 0.5], density=1.0),
+            methods.ties_tensors(base, [a, b], [1.0, 0.5], density=0.5),
+            lambda x, y: methods.ties_tensors(base.float(), [x, y], [1.0, 0.5], density=0.5),
+        ),
+        "dare": (
+            methods.dare_tensors(base, [a, b], [1.0, 0.5], 0.5, torch.Generator().manual_seed(1)),
+            lambda x, y: methods.dare_tensors(
+                base.float(), [x, y], [1.0, 0.5], 0.5, torch.Generator().manual_seed(1)
+            ),
         ),
     }
     for name, (merged, in_float32) in merges.items():
         assert merged.dtype == torch.bfloat16, name
         assert torch.equal(merged, in_float32(a.float(), b.float()).bfloat16()), name
-    dare = methods.dare_tensors(base, [a, b], [1.0, 1.0], 1.0, torch.Generator())
-    assert dare.dtype == torch.bfloat16
+
+
+def test_float32_inputs_are_summed_in_float32():
+    # 1 + 2^-24 + 2^-24 is 1 in float32 (each addition rounds to even) but 1 + 2^-23 in float64.
+    tiny = 2.0**-24
+    merged = methods.linear_tensors([t(1.0), t(tiny), t(tiny)], [1.0, 1.0, 1.0], normalize=False)
+    assert merged.item() == 1.0
 
 
 def test_float64_inputs_keep_float64_precision():
@@ -282,6 +309,7 @@ def test_state_dict_merges_have_mergekits_defaults_and_pass_every_setting_on():
     models = [{"w": t(4.0, -1.0, 2.0, 3.0)}, {"w": t(1.0, 3.0, -5.0, 1.0)}]
     tensors = [m["w"] for m in models]
     ties_default = methods.ties(base, models, [1.0, 0.5])["w"]
+    torch.testing.assert_close(methods.ties_tensors(base["w"], tensors, [1.0, 0.5]), ties_default)
     torch.testing.assert_close(
         ties_default, methods.ties_tensors(base["w"], tensors, [1.0, 0.5], 0.5, 1.0, True)
     )

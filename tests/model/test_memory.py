@@ -280,3 +280,25 @@ def test_a_state_with_other_sizes_is_refused():
         memory.build(3, torch.randn(3, 8, D_MODEL), None, state)
     with pytest.raises(ValueError, match="sequences"):
         memory.build(1, torch.randn(2, 8, D_MODEL), None, state)
+
+
+def test_stats_report_the_write_rate_read_gate_and_slots_alive():
+    # Capacity 2 against 8 chunks per sequence: the memory ends full, so 2 slots are alive in every sequence; the
+    # write rate is the share of proposed chunks that got a slot, the read gate the mean gate of the reads made.
+    memory, reader = make_memory(mem_capacity=2, mem_topk=2, mem_decay=0.9)
+    states, surprise = random_inputs(2, 32, seed=4)
+    banks = []
+    for step in (1, 2):
+        _, bank = read(memory, reader, states, surprise, step=step)
+        banks.append(bank)
+    stats = memory.stats(banks)
+    assert stats["slots_used"].item() == 2.0
+    kept = torch.cat([bank.kept.flatten() for bank in banks]).float()
+    assert 0 < kept.mean() < 1 and stats["write_rate"].item() == pytest.approx(kept.mean().item())
+    gates = torch.stack([g for bank in banks for g in bank.gate_means]).float()
+    assert len(gates) == 2 and stats["read_gate"].item() == pytest.approx(gates.mean().item())
+    assert {k: v.item() for k, v in memory.stats([]).items()} == {
+        "write_rate": 0,
+        "read_gate": 0,
+        "slots_used": 0,
+    }

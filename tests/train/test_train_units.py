@@ -3,6 +3,7 @@
 import itertools
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,6 +81,25 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path):
         checkpoint.save_atomic({"step": 2, "bad": Unpicklable()}, path)
     assert checkpoint.load(path) == {"step": 1}
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_a_checkpoint_is_renamed_into_place_from_a_hidden_file_beside_it(tmp_path, monkeypatch):
+    # The rename is atomic only within one file system, so the temporary file must sit in the target's folder
+    # (created with its parents), hidden and named after the checkpoint so that no glob of checkpoints sees it.
+    renames = []
+    original = checkpoint.os.replace
+
+    def replace(source, target):
+        renames.append((Path(source), Path(target), checkpoint.load(source)))
+        original(source, target)
+
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    path = tmp_path / "run" / "nested" / "ckpt.pt"
+    checkpoint.save_atomic({"step": 3}, path)
+    [(source, target, saved)] = renames
+    assert target == path and source.parent == path.parent and saved == {"step": 3}
+    assert source.name.startswith(".ckpt.pt.") and source.name.endswith(".tmp")
+    assert checkpoint.load(path) == {"step": 3} and not source.exists()
 
 
 def test_checkpoint_refuses_arbitrary_objects(tmp_path):
