@@ -34,6 +34,8 @@ STATUS_BY_EXIT_CODE.update({24: "timeout", 36: "timeout", 152: "timeout", 255: "
 
 
 def modules_table() -> dict[str, list[str]]:
+    import tomllib  # Python 3.11+, like mutmut 3's own configuration reader
+
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     return pyproject["tool"]["cognate"]["mutation"]
 
