@@ -26,8 +26,6 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import tomllib
-
 ROOT = Path(__file__).resolve().parents[1]
 STATUS_BY_EXIT_CODE = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped"}
 STATUS_BY_EXIT_CODE.update({24: "timeout", 36: "timeout", 152: "timeout", 255: "timeout", -24: "timeout"})
