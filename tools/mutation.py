@@ -26,14 +26,14 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import tomllib
-
 ROOT = Path(__file__).resolve().parents[1]
 STATUS_BY_EXIT_CODE = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped"}
 STATUS_BY_EXIT_CODE.update({24: "timeout", 36: "timeout", 152: "timeout", 255: "timeout", -24: "timeout"})
 
 
 def modules_table() -> dict[str, list[str]]:
+    import tomllib  # Python 3.11+, like mutmut 3's own configuration reader
+
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     return pyproject["tool"]["cognate"]["mutation"]
 

@@ -69,7 +69,7 @@ def test_memory_recall_prints_one_json_line(capsys):
 
 @pytest.mark.slow
 def test_memory_on_recalls_what_attention_cannot_reach_and_memory_off_does_not(capsys):
-    # A cheap version of docs/memory.md's run (3 pairs, 8 values, 400 steps: ~40 s on one idle core). Measured
+    # A cheap version of docs/memory.md's run (3 pairs, 8 values, 400 steps: 22 s in the full suite). Measured
     # here: memory on 0.70, off 0.15 against chance 0.125. The gap is past attention's reach, so off stays near
     # chance whatever it learns; on must beat it clearly.
     argv = ["bench", "memory-recall", "--json", "--threads", "1", "--train-steps", "400", "--lr", "0.006"]

@@ -85,6 +85,27 @@ def cli_args(data_dir: Path, out: Path, steps: int, **extra) -> list[str]:
     return args
 
 
+# `python -c` program: the CLI, with every training micro-batch's input ids appended as one JSON line to the
+# file $COGNATE_TEST_BATCH_LOG.
+LOG_TRAINING_BATCHES = """
+import json, os, sys
+import torch
+from cognate.cli import main
+from cognate.train import trainer
+
+forward = trainer.CognateModel.forward
+
+def logged(self, input_ids, *args, **kwargs):
+    if self.training and torch.is_grad_enabled():  # not the checkpoint's no_grad soundness check
+        with open(os.environ["COGNATE_TEST_BATCH_LOG"], "a") as log:
+            log.write(json.dumps(input_ids.tolist()) + "\\n")
+    return forward(self, input_ids, *args, **kwargs)
+
+trainer.CognateModel.forward = logged
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows}
@@ -102,9 +123,7 @@ def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: 
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_continues_from_the_checkpoint_with_the_same_per_step_losses(
-    data_dir, tmp_path, monkeypatch
-):
+def test_sigkill_then_resume_continues_from_the_checkpoint_with_the_same_per_step_losses(data_dir, tmp_path):
     steps = 10
     straight = tmp_path / "straight"
     subprocess.run(cli_args(data_dir, straight, 2 * steps), check=True, env=ENV, capture_output=True)
@@ -119,31 +138,22 @@ def test_sigkill_then_resume_continues_from_the_checkpoint_with_the_same_per_ste
     resumed_from = checkpoint.load(killed / trainer.CHECKPOINT)["progress"]["step"]
     assert steps - 1 <= resumed_from < 2 * steps  # the log line of step N may precede its checkpoint
 
-    # The resume runs in this process, so we see what it trains on. Training is deterministic, so a resume that
-    # silently restarted from scratch would log the same losses: the micro-batches it trains on tell them apart.
-    trained_on = []
-    original = trainer.CognateModel.forward
-
-    def forward(self, input_ids, *args, **kwargs):
-        if self.training and torch.is_grad_enabled():  # not the checkpoint's no_grad soundness check
-            trained_on.append(input_ids.clone())
-        return original(self, input_ids, *args, **kwargs)
-
-    monkeypatch.setattr(trainer.CognateModel, "forward", forward)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the killed process (OMP_NUM_THREADS=1), so the losses agree to the bit
-    try:
-        config = TrainConfig(**{**TRAIN, "max_steps": 2 * steps})
-        trainer.train(model_config(data_dir), config, data_dir, killed, _single(), resume=True)
-    finally:
-        torch.set_num_threads(threads)
+    # Training is deterministic, so a resume that silently restarted from scratch would log the same losses: the
+    # micro-batches it trains on tell them apart. The resume runs the CLI in a fresh process, as the other two runs
+    # do (this process's compiled kernels may round differently), with a forward that logs each training batch.
+    trained_on = tmp_path / "trained_on.jsonl"
+    subprocess.run(
+        [sys.executable, "-c", LOG_TRAINING_BATCHES, *cli_args(data_dir, killed, 2 * steps)[3:], "--resume"],
+        check=True,
+        env={**ENV, "COGNATE_TEST_BATCH_LOG": str(trained_on)},
+        capture_output=True,
+    )
+    trained_on = [json.loads(line) for line in trained_on.read_text().splitlines()]
 
     # The micro-batches of steps resumed_from + 1 ... 2·steps of an uninterrupted run, in order, and no others.
-    order = TrainingData(data_dir, batch_size=TRAIN["batch_size"], seed=config.seed, dist=_single())
-    expected = [order.next_batch()[0] for _ in range(2 * steps * TRAIN["grad_accum"])]
-    expected = expected[resumed_from * TRAIN["grad_accum"] :]
-    assert len(trained_on) == len(expected)
-    assert all(torch.equal(seen, batch) for seen, batch in zip(trained_on, expected))
+    order = TrainingData(data_dir, batch_size=TRAIN["batch_size"], seed=TrainConfig().seed, dist=_single())
+    expected = [order.next_batch()[0].tolist() for _ in range(2 * steps * TRAIN["grad_accum"])]
+    assert trained_on == expected[resumed_from * TRAIN["grad_accum"] :]
     assert losses(killed) == losses(straight)  # identical, not merely close: same bits on the same CPU
     assert sorted(losses(killed)) == list(range(1, 2 * steps + 1))
 
