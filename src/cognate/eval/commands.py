@@ -88,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
             source_dir=args.source_dir,
             max_examples=args.max_examples,
             val_tokens=args.val_tokens,
-            bf16=resolve_precision(args.bf16, device).bf16,
+            # lm-eval runs the Hugging Face export in fp32: with --lm-eval, "auto" means fp32 here too, so the two
+            # harnesses generate from the same numbers and their completions can be compared token for token.
+            bf16=resolve_precision(False if args.lm_eval and args.bf16 == "auto" else args.bf16, device).bf16,
             lm_eval_dir=args.lm_eval,
             lm_eval_batch_size=args.lm_eval_batch_size,
             **caps,
