@@ -3,6 +3,7 @@
 import itertools
 import json
 import os
+import signal
 import socket
 import textwrap
 import time
@@ -401,3 +402,52 @@ def test_mbpp_tracing_and_memory_reads_are_refused_during_a_check():
     ]:
         result = check_mbpp_solution(ADD + "\n" + attack, ADD_TESTS)
         assert not result.passed and "not allowed" in result.stderr, attack
+
+
+@pytest.mark.parametrize(
+    ("uid_map", "low", "high"),
+    [
+        (
+            "0 0 4294967295",
+            1 << 30,
+            (1 << 30) + (1 << 24) - 1,
+        ),  # an ordinary host: the far-off preferred range
+        ("0 1000 1\n1 100000 65536", 1, 65536),  # a rootless container: the widest mapped range
+        ("0 1000 1", None, None),  # only root mapped: nothing to switch to
+    ],
+)
+def test_a_root_parent_picks_a_throwaway_uid_inside_the_mapped_range(monkeypatch, uid_map, low, high):
+    class UidMap:
+        def __init__(self, path):
+            assert str(path) == "/proc/self/uid_map"
+
+        def read_text(self):
+            return uid_map
+
+    monkeypatch.setattr(sandbox, "Path", UidMap)
+    monkeypatch.setattr(sandbox.os, "geteuid", lambda: 0)
+    uids = [sandbox._throwaway_uid() for _ in range(50)]
+    if low is None:
+        assert uids == [None] * 50
+    else:
+        assert all(low <= uid <= high for uid in uids) and len(set(uids)) > 40  # random, not one fixed uid
+    monkeypatch.setattr(sandbox.os, "geteuid", lambda: 1000)
+    assert sandbox._throwaway_uid() is None  # not root: RLIMIT_NPROC already applies
+
+
+def test_killed_reasons_name_each_way_a_run_ends():
+    reason = sandbox._killed_reason
+    assert reason(0, timed_out=True) == "wall-clock timeout"
+    assert reason(sandbox.EXIT_MEMORY, timed_out=False) == "memory limit"
+    assert reason(sandbox.EXIT_CPU_TIME, False) == reason(-signal.SIGXCPU, False) == "cpu time limit"
+    assert reason(sandbox.EXIT_SETUP_FAILED, False) == "sandbox setup failed"
+    assert reason(-signal.SIGSEGV, False) == "killed by SIGSEGV"
+    assert reason(-200, False) == "killed by signal 200"
+    assert reason(0, False) is None and reason(1, False) is None
+
+
+def test_only_the_last_tail_bytes_of_each_stream_are_kept():
+    code = "import sys; print('x' * 20000 + 'END'); print('y' * 20000 + 'ERR', file=sys.stderr)"
+    result = run(code, False)
+    assert len(result.stdout.encode()) == len(result.stderr.encode()) == sandbox.TAIL_BYTES == 8192
+    assert result.stdout.endswith("xEND\n") and result.stderr.endswith("yERR\n")
