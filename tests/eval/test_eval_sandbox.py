@@ -1,5 +1,7 @@
 """The sandbox against hostile programs, in each isolation setup this machine supports."""
 
+import dataclasses
+import inspect
 import itertools
 import json
 import os
@@ -490,3 +492,18 @@ def test_the_isolation_line_names_the_layers_in_place(monkeypatch):
         sandbox.describe_isolation()
         == "rlimits + dropped privileges + audit hook; no namespaces (no unshare)"
     )
+
+
+def test_the_entry_points_default_to_the_documented_limits_and_the_audit_hook():
+    # docs/evaluation.md: run_untrusted(code, *, timeout_s=5.0, memory_mb=512, max_processes=16, disk_mb=64).
+    documented = {"timeout_s": 5.0, "memory_mb": 512, "max_processes": 16, "disk_mb": 64}
+    assert dataclasses.asdict(sandbox.SandboxLimits()) == documented
+    for entry_point in (run_untrusted, check_mbpp_solution):
+        defaults = {
+            name: parameter.default
+            for name, parameter in inspect.signature(entry_point).parameters.items()
+            if name in documented
+        }
+        assert defaults == {name: documented[name] for name in defaults} and len(defaults) >= 2
+    result = run_untrusted("import os\nos.system('true')", namespaces=False)
+    assert not result.passed and "PermissionError" in result.stderr
