@@ -507,3 +507,33 @@ def test_the_entry_points_default_to_the_documented_limits_and_the_audit_hook():
         assert defaults == {name: documented[name] for name in defaults} and len(defaults) >= 2
     result = run_untrusted("import os\nos.system('true')", namespaces=False)
     assert not result.passed and "PermissionError" in result.stderr
+
+
+BASE, SPAN = sandbox.THROWAWAY_UID_BASE, sandbox.THROWAWAY_UID_SPAN
+
+
+@pytest.mark.parametrize(
+    ("uid_map", "lowest", "highest"),
+    [
+        ("0 0 4294967295", BASE, BASE + SPAN - 1),  # the preferred range, both ends
+        (f"0 0 1\n{BASE} 7 {SPAN}", BASE, BASE + SPAN - 1),  # mapped exactly the preferred range
+        (f"0 0 1\n{BASE + 1} 7 {SPAN}", BASE + 1, BASE + SPAN),  # one short of it: the mapped range instead
+        ("0 1000 1\n1 100000 65536\n70000 300000 100", 1, 65536),  # the widest of several, not the last
+        ("0 0 3", 1, 2),  # never uid 0
+        ("0 1000 1\n1 5000 1", 1, 1),  # a single mapped uid
+    ],
+)
+def test_a_throwaway_uid_can_be_any_mapped_uid_but_root(monkeypatch, uid_map, lowest, highest):
+    class UidMap:
+        def __init__(self, path):
+            pass
+
+        def read_text(self):
+            return uid_map
+
+    monkeypatch.setattr(sandbox, "Path", UidMap)
+    monkeypatch.setattr(sandbox.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(sandbox.secrets, "randbelow", lambda n: 0)
+    assert sandbox._throwaway_uid() == lowest
+    monkeypatch.setattr(sandbox.secrets, "randbelow", lambda n: n - 1)
+    assert sandbox._throwaway_uid() == highest
