@@ -537,3 +537,10 @@ def test_a_throwaway_uid_can_be_any_mapped_uid_but_root(monkeypatch, uid_map, lo
     assert sandbox._throwaway_uid() == lowest
     monkeypatch.setattr(sandbox.secrets, "randbelow", lambda n: n - 1)
     assert sandbox._throwaway_uid() == highest
+
+
+def test_default_runs_use_namespaces_exactly_when_available_and_output_need_not_be_utf8():
+    available = namespaces_unavailable_reason() is None
+    result = run_untrusted("import sys\nsys.stdout.buffer.write(b'a\\xffb')")
+    assert result.namespaces is available and result.stdout == "a\ufffdb"
+    assert check_mbpp_solution(ADD, ADD_TESTS).namespaces is available
