@@ -11,45 +11,25 @@ import torch
 
 pytest.importorskip("lm_eval")
 
+from model_testing import small_tokenizer_and_config
+
 from cognate.cli import main
-from cognate.data import synthetic
-from cognate.data.tokenizer import load_tokenizer, train_tokenizer
+from cognate.data.tokenizer import load_tokenizer
 from cognate.eval import lm_eval_tasks
 from cognate.eval.evaluate import MATH_STOPS
 from cognate.eval.tasks import Example
 from cognate.export.model_dir import save_model_dir
-from cognate.model.config import get_preset
 from cognate.model.model import CognateModel
 
 NEW_TOKENS = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def offline_one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setenv("HF_DATASETS_OFFLINE", "1")
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("offline_one_thread")
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    texts = [d.text for docs in synthetic.generate(seed=9).values() for d in docs][:300]
-    tokenizer = train_tokenizer(texts, vocab_size=400)
-    config = get_preset("tiny").replace(
-        vocab_size=len(tokenizer),
-        d_model=32,
-        n_heads=2,
-        n_layers=2,
-        ffn_hidden=64,
-        mem_dim=16,
-        mem_chunk_size=8,
-        mem_min_seq_len=64,
-        max_seq_len=256,
-    )
+    tokenizer, config = small_tokenizer_and_config(seed=9, mem_chunk_size=8, max_seq_len=256)
     torch.manual_seed(0)
     model = CognateModel(config)
     # Blocks scaled up so greedy tokens depend on the whole prompt (a fresh small model's ignore all but the last

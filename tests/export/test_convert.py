@@ -6,44 +6,21 @@ import shutil
 
 import pytest
 import torch
+from model_testing import small_tokenizer_and_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from cognate.cli import main
-from cognate.data import synthetic
-from cognate.data.tokenizer import train_tokenizer
 from cognate.eval.evaluate import EvalConfig, evaluate_model_dir
 from cognate.export.model_dir import WEIGHTS, load_model_dir, save_model_dir, tokenizer_sha256
-from cognate.model.config import get_preset
 from cognate.model.model import CognateModel
 
-
-@pytest.fixture(scope="module", autouse=True)
-def offline_one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setenv("HF_DATASETS_OFFLINE", "1")
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("offline_one_thread")
 
 
 @pytest.fixture(scope="module")
 def native_dir(tmp_path_factory):
-    texts = [d.text for docs in synthetic.generate(seed=5).values() for d in docs][:300]
-    tokenizer = train_tokenizer(texts, vocab_size=400)
-    config = get_preset("tiny").replace(
-        vocab_size=len(tokenizer),
-        d_model=32,
-        n_heads=2,
-        n_layers=2,
-        ffn_hidden=64,
-        mem_dim=16,
-        mem_chunk_size=16,
-        mem_min_seq_len=64,
-        max_seq_len=256,
-    )
+    tokenizer, config = small_tokenizer_and_config(seed=5, mem_chunk_size=16, max_seq_len=256)
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("convert") / "native"
     return save_model_dir(CognateModel(config), folder, tokenizer=tokenizer, stats={"seed": 7})

@@ -9,12 +9,10 @@ import textwrap
 
 import pytest
 import torch
+from model_testing import small_tokenizer_and_config
 
-from cognate.data import synthetic
-from cognate.data.tokenizer import train_tokenizer
 from cognate.export.hf import modeling_source
 from cognate.export.model_dir import TORCH_WEIGHTS, load_model_dir, save_model_dir
-from cognate.model.config import get_preset
 from cognate.model.model import CognateModel
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -22,18 +20,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFO
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    texts = [d.text for docs in synthetic.generate(seed=3).values() for d in docs][:300]
-    tokenizer = train_tokenizer(texts, vocab_size=400)
-    config = get_preset("tiny").replace(
-        vocab_size=len(tokenizer),
-        d_model=32,
-        n_heads=2,
-        n_layers=2,
-        ffn_hidden=64,
-        mem_dim=16,
-        mem_chunk_size=16,
-        mem_min_seq_len=64,
-    )
+    tokenizer, config = small_tokenizer_and_config(seed=3, mem_chunk_size=16)
     torch.manual_seed(0)
     model = CognateModel(config).eval()
     folder = tmp_path_factory.mktemp("export") / "model"

@@ -17,15 +17,7 @@ from model_testing import random_tokens, small_model
 PAD = 0  # a token id for generate's padding; the prompts' pad positions are masked out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def offline_one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setenv("HF_DATASETS_OFFLINE", "1")
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("offline_one_thread")
 
 
 @pytest.fixture(scope="module")

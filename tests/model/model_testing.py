@@ -43,3 +43,25 @@ def small_model(seed: int = 0, diverse_halting: bool = True, **changes) -> Cogna
 
 def random_tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def small_tokenizer_and_config(seed: int, **changes):
+    """A 400-token BPE trained on the built-in curriculum (generated with `seed`) and a small `tiny` config over
+    it, for the export and evaluation tests that need a model folder with a real tokenizer."""
+    from cognate.data import synthetic
+    from cognate.data.tokenizer import train_tokenizer
+    from cognate.model.config import get_preset
+
+    texts = [d.text for docs in synthetic.generate(seed=seed).values() for d in docs][:300]
+    tokenizer = train_tokenizer(texts, vocab_size=400)
+    config = get_preset("tiny").replace(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        n_heads=2,
+        n_layers=2,
+        ffn_hidden=64,
+        mem_dim=16,
+        mem_min_seq_len=64,
+        **changes,
+    )
+    return tokenizer, config

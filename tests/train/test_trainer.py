@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from cognate.data.prepare import PrepareConfig, prepare
 from cognate.model.config import get_preset
 from cognate.train import checkpoint, trainer
 from cognate.train.config import TrainConfig
@@ -55,10 +54,8 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "builtin"
-    prepare(PrepareConfig(out=out, builtin=True, short_len=64, long_len=256), log=lambda _: None)
-    return out
+def data_dir(builtin_data) -> Path:
+    return builtin_data
 
 
 def model_config(data_dir: Path):
