@@ -145,7 +145,14 @@ class LongTermMemory(nn.Module):
         )
 
     def build(
-        self, step: int, states: Tensor, surprise: Tensor | None, prior: MemoryState | None
+        self,
+        step: int,
+        states: Tensor,
+        surprise: Tensor | None,
+        prior: MemoryState | None,
+        *,
+        read: bool = True,
+        for_loss: bool = True,
     ) -> MemoryBank:
         """The memory that refinement step `step` (1-based) reads.
 
@@ -154,6 +161,10 @@ class LongTermMemory(nn.Module):
             it); None at step 1 (no prediction yet: full surprise). NaN marks an unknown value (a call's first token
             when nothing came before it); a chunk's surprise is the mean over its known tokens.
         prior: the memory carried in from the previous call, or None for a fresh sequence.
+        read: False when no token of this call reads the bank (every token has halted before this step): only what
+            the next state needs is computed (the writes, eviction and pending tokens); the read fields are empty.
+        for_loss: False when `losses` will not be asked for this bank (inference without targets): no L_read
+            positives (every `positive` is -1).
         """
         c = self.cfg
         batch, seq_len, _ = states.shape
@@ -213,8 +224,16 @@ class LongTermMemory(nn.Module):
         token_chunk = torch.arange(n_pending, n_pending + seq_len, device=keys.device) // c.mem_chunk_size
         visible = visible_chunk[:, token_chunk]  # [B, S, n_slots]
 
-        retrieval, read_bias, reads = self._select(normed[:, n_pending:], keys, visible)
-        positive = self._positives(normed[:, n_pending:], values, visible)
+        if read:
+            retrieval, read_bias, reads = self._select(normed[:, n_pending:], keys, visible)
+        else:
+            visible = visible & False
+            retrieval = read_bias = visible.new_zeros(visible.shape, dtype=torch.float32)
+            reads = states.new_zeros(batch, seq_len, 1)
+        if read and for_loss:
+            positive = self._positives(normed[:, n_pending:], values, visible)
+        else:
+            positive = visible.new_full((batch, seq_len), -1, dtype=torch.long)
         kept = written[:, n_prior:] & (
             torch.diagonal(count_stronger[:, n_prior + 1 :, n_prior:], dim1=1, dim2=2) < c.mem_capacity
         )

@@ -187,8 +187,11 @@ class CognateModel(nn.Module):
         h, surprise, logits = e, None, None  # logits: [B·S, V] at each token's latest step, when needed
         banks, last_logits, halt_probs, step_losses = [], [], [], []
         for step in range(1, n_steps + 1):
-            bank = self.memory.build(step, h, surprise, memory_state) if memory_on else None
-            if bank is not None:
+            bank = None
+            if memory_on:
+                bank = self.memory.build(
+                    step, h, surprise, memory_state, read=bool(rows.numel()), for_loss=fused
+                )
                 banks.append(bank)
             caches = decode.caches[step - 1] if decode else None
             refined = self._core(h + e, rotary, bank, caches, rows)
@@ -206,10 +209,11 @@ class CognateModel(nn.Module):
                 # Step 1 runs every token, so its logits fill every row; later steps overwrite the rows they ran.
                 new_logits = self.lm_head(normed)
                 logits = new_logits if logits is None else logits.index_copy(0, rows, new_logits)
-                dense = logits.view(*input_ids.shape, -1)
-                previous = decode.last_logits[step - 1] if decode and decode.last_logits else None
-                surprise = token_surprise(dense, input_ids, previous)
-                last_logits.append(dense[:, -1])
+                if step < n_steps:  # the surprise the next step's memory writes with
+                    dense = logits.view(*input_ids.shape, -1)
+                    previous = decode.last_logits[step - 1] if decode and decode.last_logits else None
+                    surprise = token_surprise(dense, input_ids, previous)
+                    last_logits.append(dense[:, -1])
             if cfg.act_enabled and step < n_steps and rows.numel():
                 q = torch.sigmoid(self.halting(normed))
                 halt_probs.append(q)
@@ -228,7 +232,8 @@ class CognateModel(nn.Module):
         losses = {"ref": token_ce.sum() / n_valid if fused else _zero(e), "act": _zero(e)}
         mean_halt = torch.cat(halt_probs).mean() if halt_probs else _zero(e)
         steps = steps.view_as(input_ids)
-        return self._output(logits, losses, targets, steps, mean_halt, valid, banks, banks, step_losses)
+        loss_banks = banks if fused else []
+        return self._output(logits, losses, targets, steps, mean_halt, valid, banks, loss_banks, step_losses)
 
     @torch.no_grad()
     def decode(self, input_ids: Tensor, state: DecodeState) -> Tensor:
