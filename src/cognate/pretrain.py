@@ -39,6 +39,7 @@ from cognate.train import checkpoint, trainer
 from cognate.train.config import TrainConfig
 from cognate.train.data import TrainingData
 from cognate.train.distributed import Distributed
+from cognate.train.halting import calibrate_halting
 from cognate.train.precision import Precision, autocast_for, resolve_precision
 
 SEEDS = (42, 1337, 2023)
@@ -59,6 +60,9 @@ class PretrainPlan:
     seed_tokens: int  # tokens each seed trains after the warm-up
     seeds: tuple[int, ...] = SEEDS
     eval_batches: int = 16  # validation batches for the final figures and the merge check
+    # Each model's act_threshold is calibrated on those batches so that halting costs at most this many nats of
+    # validation loss against running every step (cognate.train.halting); None keeps the preset's threshold.
+    halting_loss_budget: float | None = 0.03
 
 
 def config_hash(config: CognateConfig) -> str:
@@ -197,7 +201,7 @@ def _train_seed(
     model = CognateModel(plan.model)
     best = run_dir / trainer.BEST_MODEL
     model.load_state_dict(checkpoint.load(best if best.exists() else run_dir / trainer.CHECKPOINT)["model"])
-    metrics = _evaluate(model, plan, data_dir, dist)
+    metrics = _evaluate(model, plan, data_dir, dist, calibrate=True)
     stats = {
         "name": name,
         "seed": seed,
@@ -233,11 +237,22 @@ def _registry_fields(stats: dict) -> dict:
     }
 
 
-def _evaluate(model: CognateModel, plan: PretrainPlan, data_dir: Path, dist: Distributed) -> dict:
+def _evaluate(
+    model: CognateModel, plan: PretrainPlan, data_dir: Path, dist: Distributed, *, calibrate: bool = False
+) -> dict:
+    """Validation figures of `model`; with `calibrate`, after setting its halting threshold (see PretrainPlan)."""
     data = TrainingData(data_dir, batch_size=plan.train.batch_size, seed=0, dist=dist)
     model = model.to(dist.device)
     autocast = autocast_for(dist.device, resolve_precision(plan.train.bf16, dist.device).bf16)
+    calibration = None
+    if calibrate and plan.halting_loss_budget is not None:
+        calibration = calibrate_halting(
+            model, data, plan.eval_batches, autocast, dist, plan.halting_loss_budget
+        )
     metrics = trainer.validate(model, data, plan.eval_batches, autocast, dist)
+    if calibration is not None:
+        metrics["act_threshold"] = calibration.threshold
+        metrics["val_halting_loss_delta"] = calibration.loss_delta
     accuracy = heldout_solution_accuracy(model, data_dir, autocast)
     if accuracy is not None:
         metrics["heldout_synthetic_solution_accuracy"] = accuracy
@@ -278,7 +293,7 @@ def _merge_check(plan: PretrainPlan, folders: list[Path], data_dir: Path, dist: 
     average = CognateModel(plan.model)
     average.load_state_dict(linear(states, [1.0] * len(states)))
     seed_losses = {f.name: _evaluate(load_model_dir(f), plan, data_dir, dist)["val_loss"] for f in folders}
-    average_loss = _evaluate(average, plan, data_dir, dist)["val_loss"]
+    average_loss = _evaluate(average, plan, data_dir, dist, calibrate=True)["val_loss"]
     best = min(seed_losses.values())
     return {
         "method": "plain average of the seed weights",
@@ -371,7 +386,10 @@ def _write_summary(
 
 def format_table(summary: dict) -> str:
     """What the seeds learned, for the terminal: per seed validation loss, halting, held-out task accuracy."""
-    lines = [f"{'model':<16}{'val loss':>10}{'ACT steps':>11}{'ACT var':>9}{'held-out arithmetic':>21}"]
+    lines = [
+        f"{'model':<16}{'val loss':>10}{'ACT steps':>11}{'ACT var':>9}{'threshold':>11}{'halt cost':>11}"
+        f"{'held-out arithmetic':>21}"
+    ]
     for entry in summary["models"]:
         if not entry["succeeded"]:
             lines.append(f"{entry['name']:<16} failed: {entry['error']}")
@@ -381,12 +399,19 @@ def format_table(summary: dict) -> str:
         lines.append(
             f"{entry['name']:<16}{metrics['val_loss']:>10.3f}{metrics['val_act_mean_steps']:>11.2f}"
             f"{_optional(metrics.get('val_act_var_steps'), '.3f'):>9}"
+            f"{_optional(metrics.get('act_threshold'), '.2f'):>11}"
+            f"{_optional(metrics.get('val_halting_loss_delta'), '+.3f'):>11}"
             f"{_optional(accuracy, '.1%'):>21}"
         )
     if any("heldout_synthetic_solution_accuracy" in m.get("metrics", {}) for m in summary["models"]):
         lines.append(
             f"held-out arithmetic: solution tokens predicted exactly, {HELDOUT_PROBLEMS} problems not in the "
             "training set (chance ~0)"
+        )
+    if any("act_threshold" in m.get("metrics", {}) for m in summary["models"]):
+        lines.append(
+            "threshold: the halting threshold calibrated on validation data; halt cost: its validation loss minus "
+            "that of running every refinement step"
         )
     check = summary.get("merge_check")
     if check:
