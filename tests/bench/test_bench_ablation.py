@@ -54,14 +54,21 @@ def test_command_trains_the_arms_and_prints_one_json_line(builtin_data, tmp_path
     args = ["bench", "ablation", "--json", "--data", str(builtin_data), "--out", str(out)]
     args += ["--budget", "tokens", "--tokens", "1024", "--arms", "plain", "full", "--threads", "1"]
     args += ["--eval-interval", "2", "--eval-batches", "1", "--val-short-rows", "8", "--val-long-rows", "1"]
+    args += ["--set", "t_train=2", "--set", "grad_steps=1"]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["budget"] == "tokens" and set(result["arms"]) == {"plain", "full"}
+    assert result["settings"]["model_overrides"] == {"t_train": 2, "grad_steps": 1}
     plain, full = result["arms"]["plain"], result["arms"]["full"]
+    assert full["model"]["t_train"] == 2 and plain["model"]["t_train"] == 1  # the arm's own switches win
     assert plain["tokens"] == full["tokens"] == 1024
     assert plain["parameters"] == full["parameters"]  # every arm has the same tensors (mergeable)
-    assert full["flops_per_token"] > 2 * plain["flops_per_token"]  # full runs t_train steps
+    assert full["flops_per_token"] > 1.8 * plain["flops_per_token"]  # full runs t_train steps
     assert plain["act_mean_steps"] == 1.0 and plain["act_var_steps"] == 0.0
+    # Halting is scored at the threshold calibrated on validation data, within the loss budget.
+    calibration = full["halting_calibration"]
+    assert plain["halting_calibration"] is None and full["model"]["act_threshold"] == calibration["threshold"]
+    assert calibration["loss_delta"] <= 0.03 or calibration["threshold"] == 0.95
     for arm in (plain, full):
         assert 0 < arm["val_loss"] < 20
         for family in ("math", "code", "qa", "math_answer"):
@@ -80,3 +87,8 @@ def test_the_math_answer_is_what_follows_solution(builtin_data):
     # Position i is scored on token i + 1: the scored targets are exactly the worked answer.
     predicted = tokenizer.decode([ids[i + 1] for i in np.flatnonzero(scored)])
     assert predicted.strip() == "3 + 4 = 7\n#### 7"
+
+
+def test_a_set_that_is_not_a_model_setting_is_one_error_line(capsys, tmp_path):
+    assert main(["bench", "ablation", "--out", str(tmp_path), "--set", "lr=3e-4"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --set lr: not a model setting"

@@ -25,6 +25,7 @@ seconds and against tokens.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -40,16 +41,21 @@ import torch.nn.functional as F
 from cognate.data.dataset import PackedDataset, read_manifest
 from cognate.data.tokenizer import load_tokenizer
 from cognate.eval.tasks import solution_targets
-from cognate.model.config import CognateConfig
+from cognate.model.config import CognateConfig, ConfigError
 from cognate.model.head import IGNORE_INDEX
 from cognate.model.model import CognateModel
 from cognate.train import checkpoint
+from cognate.train.config import parse_overrides
+from cognate.train.data import TrainingData
+from cognate.train.distributed import Distributed
+from cognate.train.halting import calibrate_halting
 from cognate.train.precision import add_bf16_argument, autocast_for, resolve_precision
 from cognate.train.throughput import flops_per_token
 
 ARMS = ("plain", "recursion", "act", "memory", "full")
 BUDGETS = ("time", "tokens", "converge")
 FAMILIES = ("math", "code", "qa")
+CALIBRATION_BATCHES = 16  # validation batches the halting threshold is calibrated on
 # The first line of each short-row layout (cognate.data.formatting): math, code, code repair.
 FAMILY_PREFIXES = {"math": ("Problem:",), "code": ("Task:", "Buggy code:")}
 
@@ -90,7 +96,7 @@ def budget_overrides(args: argparse.Namespace, train_tokens: int) -> dict:
 
 
 def train_command(args, arm: str, data_dir: Path, run_dir: Path, preset: CognateConfig, train_tokens: int):
-    settings = arm_overrides(arm, preset) | budget_overrides(args, train_tokens)
+    settings = args.model_overrides | arm_overrides(arm, preset) | budget_overrides(args, train_tokens)
     command = [sys.executable, "-m", "cognate.cli", "train", "--preset", args.preset, "--data", str(data_dir)]
     command += [
         "--out",
@@ -242,7 +248,7 @@ def score(model: CognateModel, rows: list[ValidationRows], batch_size: int, auto
 
 
 def arm_report(
-    run_dir: Path, rows, args, autocast, short_ratio: float, seq_lens: dict, wall_s: float
+    run_dir: Path, rows, args, autocast, short_ratio: float, seq_lens: dict, wall_s: float, data_dir: Path
 ) -> dict:
     run_config = json.loads((run_dir / "run_config.json").read_text())
     config = CognateConfig.from_dict(run_config["model"])
@@ -250,6 +256,14 @@ def arm_report(
     best = run_dir / "best_model.pt"
     state = checkpoint.load(best if best.exists() else run_dir / "checkpoint.pt")["model"]
     model.load_state_dict(state)
+    # Halting at the threshold the user would get: calibrated on the trainer's validation batches, as pretrain does.
+    calibration = None
+    if config.act_enabled:
+        dist = Distributed(rank=0, world_size=1, device=next(model.parameters()).device)
+        validation = TrainingData(data_dir, batch_size=args.batch_size, seed=0, dist=dist)
+        calibration = calibrate_halting(
+            model, validation, CALIBRATION_BATCHES, autocast, dist, args.halting_loss_budget
+        ).to_dict()
     summary = json.loads((run_dir / "summary.json").read_text())
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     curve = [
@@ -271,8 +285,10 @@ def arm_report(
         "best_val_loss_during_training": summary["best_val_loss"],
         **score(model, rows, args.score_batch_size, autocast),
         "curve": curve,
+        "halting_calibration": calibration,
         "model": {
-            k: getattr(config, k) for k in ("t_train", "t_infer", "grad_steps", "act_enabled", "mem_enabled")
+            k: getattr(model.cfg, k)
+            for k in ("t_train", "t_infer", "grad_steps", "act_enabled", "act_threshold", "mem_enabled")
         },
     }
 
@@ -303,7 +319,6 @@ def plot(arms: dict, path: Path, budget: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from cognate.model.config import get_preset
     from cognate.train.data import ensure_data
-    from cognate.train.distributed import Distributed
 
     unknown = sorted(set(args.arms) - set(ARMS))
     if unknown:
@@ -318,7 +333,15 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     data_dir = ensure_data(args.data, Distributed(rank=0, world_size=1, device=device))
     manifest = read_manifest(data_dir)
-    preset = get_preset(args.preset)
+    try:
+        args.model_overrides = parse_overrides(args.overrides)
+        unknown = sorted(set(args.model_overrides) - {f.name for f in dataclasses.fields(CognateConfig)})
+        if unknown:
+            raise ConfigError(f"--set {', '.join(unknown)}: not a model setting")
+        preset = get_preset(args.preset).replace(**args.model_overrides)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     train_tokens = sum(manifest["rows"]["train"][k]["tokens"] for k in ("short", "long"))
     precision = resolve_precision(args.bf16, device)
     _log(
@@ -330,7 +353,14 @@ def run(args: argparse.Namespace) -> int:
     autocast = autocast_for(device, precision.bf16)
     arms = {
         arm: arm_report(
-            out / arm, rows, args, autocast, manifest["short_ratio"], manifest["sequence_lengths"], wall[arm]
+            out / arm,
+            rows,
+            args,
+            autocast,
+            manifest["short_ratio"],
+            manifest["sequence_lengths"],
+            wall[arm],
+            data_dir,
         )
         for arm in args.arms
     }
@@ -340,6 +370,8 @@ def run(args: argparse.Namespace) -> int:
         "arms": arms,
         "settings": {
             "preset": args.preset,
+            "model_overrides": args.model_overrides,
+            "halting_loss_budget": args.halting_loss_budget,
             "data": str(data_dir),
             "synthetic_data": bool(manifest.get("synthetic")),
             "arms_ran": "side by side" if args.side_by_side else "one after another",
@@ -387,6 +419,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=500_000, help="token budget per arm (default 500k)")
     parser.add_argument("--epochs", type=int, default=10, help="converge budget: at most this many passes")
     parser.add_argument("--patience", type=int, default=3, help="converge budget: validations without gain")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a model setting of the preset for every arm (repeatable), e.g. --set t_train=2",
+    )
+    parser.add_argument(
+        "--halting-loss-budget",
+        type=float,
+        default=0.03,
+        help="halting arms are scored at the cheapest threshold costing at most this many nats (default 0.03)",
+    )
     parser.add_argument("--arms", nargs="+", default=list(ARMS), help=f"subset of {', '.join(ARMS)}")
     parser.add_argument("--side-by-side", action="store_true", help="train the arms at the same time")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per arm (default 2)")
