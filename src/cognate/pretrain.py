@@ -147,6 +147,8 @@ def _shared_start(plan: PretrainPlan, data_dir: Path, out: Path, dist: Distribut
             init_from=None,
             max_tokens=plan.warmup_tokens,
             warmup_tokens=min(plan.train.warmup_tokens, plan.warmup_tokens // 2),
+            # Warm up, then hold the peak rate: the seeds continue from here and each decays on its own.
+            min_lr_ratio=1.0,
         )
         resume = (folder / trainer.CHECKPOINT).exists()
         trainer.train(plan.model, config, data_dir, folder, dist, resume=resume)
@@ -193,7 +195,11 @@ def _train_seed(
         init_from=str(shared_weights),
         init_optimizer_from=str(shared_optimizer) if shared_optimizer is not None else None,
         max_tokens=plan.seed_tokens,
-        warmup_tokens=min(plan.train.warmup_tokens, plan.seed_tokens // 2),
+        # After a warm-up the seeds continue its optimizer state at its peak rate: re-warming would spend up to half
+        # of a short seed budget climbing back to where the warm-up stopped.
+        warmup_tokens=0
+        if shared_optimizer is not None
+        else min(plan.train.warmup_tokens, plan.seed_tokens // 2),
     )
     summary = trainer.train(
         plan.model, config, data_dir, run_dir, dist, resume=(run_dir / trainer.CHECKPOINT).exists()

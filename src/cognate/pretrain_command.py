@@ -18,7 +18,13 @@ TEST_BUDGET = (8_192, 8_192)
 # built-in curriculum 2 x 512 reached 3.06 / 3.03 / 3.18 per seed where 4 x 512 reached 4.33 / 4.33 / 4.38).
 TRAIN_DEFAULTS = {
     "tiny": dict(
-        batch_size=2, grad_accum=1, eval_interval=50, log_interval=10, checkpoint_interval=50, eval_batches=8
+        batch_size=2,
+        grad_accum=1,
+        warmup_tokens=25_000,
+        eval_interval=50,
+        log_interval=10,
+        checkpoint_interval=50,
+        eval_batches=8,
     )
 }
 
