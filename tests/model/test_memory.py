@@ -302,3 +302,20 @@ def test_stats_report_the_write_rate_read_gate_and_slots_alive():
         "read_gate": 0,
         "slots_used": 0,
     }
+
+
+@settings(max_examples=25, deadline=None)
+@given(first=st.integers(0, 30), second=st.integers(1, 9), seed=st.integers(0, 10_000))
+def test_a_bank_nobody_reads_carries_the_same_state_as_a_read_one(first, second, seed):
+    """A call whose tokens have all halted builds its bank with read=False (and, when it completes no chunk, takes a
+    shortcut); the memory it hands on must be the one a full build hands on."""
+    memory, _ = make_memory(seed)
+    states, surprise = random_inputs(2, first + second, seed)
+    prior = memory.next_state([memory.build(1, states[:, :first], surprise[:, :first], None)]) if first else None
+    rest = states[:, first:], surprise[:, first:]
+    carried = [memory.next_state([memory.build(1, *rest, prior, read=read)]) for read in (True, False)]
+    for name in ("keys", "values", "strength", "pending_states", "pending_surprise"):
+        torch.testing.assert_close(getattr(carried[1], name), getattr(carried[0], name), equal_nan=True)
+    assert carried[1].next_chunk == carried[0].next_chunk
+    silent = memory.build(1, *rest, prior, read=False)
+    assert not silent.visible.any() and not silent.reads.any() and (silent.positive == -1).all()

@@ -187,6 +187,8 @@ class LongTermMemory(nn.Module):
         n_pending = all_states.shape[1] - seq_len
         n_new = all_states.shape[1] // c.mem_chunk_size
         complete = n_new * c.mem_chunk_size
+        if not read and n_new == 0:  # e.g. a halted token in generation: it only joins the pending chunk
+            return self._pending_only(step, prior, all_states, all_surprise, first_chunk, seq_len)
 
         normed = self.norm(all_states)
         new_keys, new_values, write_logit = self._propose(normed[:, :complete])
@@ -254,6 +256,48 @@ class LongTermMemory(nn.Module):
             next_chunk=first_chunk + n_new,
             pending_states=all_states[:, complete:],
             pending_surprise=all_surprise[:, complete:],
+        )
+
+    def _pending_only(
+        self,
+        step: int,
+        prior: MemoryState | None,
+        all_states: Tensor,
+        all_surprise: Tensor,
+        first_chunk: int,
+        seq_len: int,
+    ) -> MemoryBank:
+        """The bank of a call that completes no chunk and that no token reads: the prior's slots unchanged, the
+        call's states pending. What `build` computes in that case, without the ranking and the read selection."""
+        batch = all_states.shape[0]
+        if prior is not None:
+            keys, values = (
+                prior.keys[step - 1].to(all_states.dtype),
+                prior.values[step - 1].to(all_states.dtype),
+            )
+            strength = prior.strength[step - 1].float()
+        else:
+            keys = values = all_states.new_zeros(batch, 0, self.cfg.mem_dim)
+            strength = all_states.new_zeros(batch, 0, dtype=torch.float32)
+        n_slots = keys.shape[1]
+        no_read = torch.zeros(batch, seq_len, n_slots, dtype=torch.bool, device=keys.device)
+        zeros = no_read.float()
+        return MemoryBank(
+            keys=keys,
+            values=values,
+            read_bias=zeros,
+            reads=all_states.new_zeros(batch, seq_len, 1),
+            visible=no_read,
+            retrieval=zeros,
+            positive=torch.full((batch, seq_len), -1, dtype=torch.long, device=keys.device),
+            write_logit=zeros.new_zeros(batch, 0),
+            kept=no_read.new_zeros(batch, 0),
+            alive_at_end=strength > 0,
+            rank_key=_log_strength(strength),
+            n_new=0,
+            next_chunk=first_chunk,
+            pending_states=all_states,
+            pending_surprise=all_surprise,
         )
 
     def _propose(self, normed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
