@@ -61,7 +61,8 @@ class PretrainPlan:
     seeds: tuple[int, ...] = SEEDS
     eval_batches: int = 16  # validation batches for the final figures and the merge check
     # Each model's act_threshold is calibrated on those batches so that halting costs at most this many nats of
-    # validation loss against running every step (cognate.train.halting); None keeps the preset's threshold.
+    # validation loss against running every step, and at most half of what the steps after the first buy
+    # (cognate.train.halting); None keeps the preset's threshold.
     halting_loss_budget: float | None = 0.03
 
 

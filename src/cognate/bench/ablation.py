@@ -431,7 +431,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--halting-loss-budget",
         type=float,
         default=0.03,
-        help="halting arms are scored at the cheapest threshold costing at most this many nats (default 0.03)",
+        help="halting arms are scored at the cheapest threshold costing at most this many nats and half of what "
+        "the later refinement steps buy (default 0.03)",
     )
     parser.add_argument("--arms", nargs="+", default=list(ARMS), help=f"subset of {', '.join(ARMS)}")
     parser.add_argument("--side-by-side", action="store_true", help="train the arms at the same time")

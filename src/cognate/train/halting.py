@@ -3,13 +3,17 @@
 The halting head is trained to say when stopping early costs at most `act_tolerance` nats on a token
 (cognate.model.act), but how sharp its q is after a short run varies from seed to seed: on the tiny seeds one
 threshold halted every token, the next none. So the threshold a user gets is not assumed but measured. With
-L(τ) the validation loss when tokens halt at threshold τ and L_forced the loss with every step run,
+L(τ) the validation loss when tokens halt at threshold τ, L_forced the loss with every step run and
+G = L_1 - L_forced what the steps after the first buy (L_1: every token answered from step 1),
 
-    τ* = the smallest τ on the grid 0.05, 0.10, ..., 0.95 with L(τ) - L_forced <= budget,
+    budget = min(cap, share · G)                       halting may give up at most `share` of what recursion buys
+    τ*     = the smallest τ on the grid 0.05, 0.10, ..., 0.95 with L(τ) - L_forced <= budget,
 
 found by bisection (L(τ) falls as τ rises: a higher threshold halts a subset of the tokens). The smallest τ halts
 the most tokens, so τ* is the cheapest rule whose measured loss cost stays within the budget. When even 0.95 costs
-more, τ* = 0.95 and the report says so.
+more, τ* = 0.95 and the report says so; when G <= 0 (the later steps buy nothing), τ* = 0.05. A budget in nats
+alone would let a model whose later steps buy little halt every token (its τ* would be the lowest grid point): the
+share keeps halting a decision per token.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from cognate.train.distributed import Distributed
 from cognate.train.trainer import validate
 
 THRESHOLD_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))
+DEFAULT_GAIN_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -32,8 +37,9 @@ class HaltingCalibration:
     mean_steps: float  # at τ*
     var_steps: float
     forced_loss: float
+    later_steps_gain: float  # G: the validation loss after step 1 minus that after every step
     within_budget: bool
-    budget: float
+    budget: float  # min(cap, share · G)
     measured: dict[float, float]  # threshold -> loss delta, for every threshold tried
 
     def to_dict(self) -> dict:
@@ -43,6 +49,7 @@ class HaltingCalibration:
             "mean_steps": self.mean_steps,
             "var_steps": self.var_steps,
             "forced_loss": self.forced_loss,
+            "later_steps_gain": self.later_steps_gain,
             "within_budget": self.within_budget,
             "budget": self.budget,
             "measured": {str(k): v for k, v in sorted(self.measured.items())},
@@ -50,7 +57,13 @@ class HaltingCalibration:
 
 
 def calibrate_halting(
-    model: CognateModel, data: TrainingData, n_batches: int, autocast, dist: Distributed, budget: float
+    model: CognateModel,
+    data: TrainingData,
+    n_batches: int,
+    autocast,
+    dist: Distributed,
+    cap: float,
+    share: float = DEFAULT_GAIN_SHARE,
 ) -> HaltingCalibration:
     """Set `model.cfg.act_threshold` to τ* (see the module docstring) and return what was measured.
 
@@ -62,14 +75,17 @@ def calibrate_halting(
         figures = validate(model, data, n_batches, autocast, dist)
         mean_steps, var_steps = figures["val_act_mean_steps"], figures["val_act_var_steps"]
         return HaltingCalibration(
-            cfg.act_threshold, 0.0, mean_steps, var_steps, figures["val_loss"], True, budget, {}
+            cfg.act_threshold, 0.0, mean_steps, var_steps, figures["val_loss"], 0.0, True, cap, {}
         )
 
     def measure(**changes) -> dict:
         model.cfg = cfg.replace(**changes)
         return validate(model, data, n_batches, autocast, dist)
 
-    forced_loss = measure(act_enabled=False)["val_loss"]
+    forced = measure(act_enabled=False)
+    forced_loss = forced["val_loss"]
+    gain = forced["val_loss_step_1"] - forced_loss
+    budget = min(cap, share * gain)
     figures: dict[float, dict] = {}
 
     def delta(threshold: float) -> float:
@@ -77,7 +93,11 @@ def calibrate_halting(
             figures[threshold] = measure(act_threshold=threshold)
         return figures[threshold]["val_loss"] - forced_loss
 
-    threshold = THRESHOLD_GRID[smallest_within_budget(THRESHOLD_GRID, delta, budget)]
+    if gain <= 0:  # the later steps buy nothing here: every token may stop at step 1
+        threshold = THRESHOLD_GRID[0]
+        delta(threshold)
+    else:
+        threshold = THRESHOLD_GRID[smallest_within_budget(THRESHOLD_GRID, delta, budget)]
     chosen = figures[threshold]
     model.cfg = cfg.replace(act_threshold=threshold)
     return HaltingCalibration(
@@ -86,6 +106,7 @@ def calibrate_halting(
         mean_steps=chosen["val_act_mean_steps"],
         var_steps=chosen["val_act_var_steps"],
         forced_loss=forced_loss,
+        later_steps_gain=gain,
         within_budget=chosen["val_loss"] - forced_loss <= budget,
         budget=budget,
         measured={t: f["val_loss"] - forced_loss for t, f in figures.items()},
