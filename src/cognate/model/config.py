@@ -167,9 +167,11 @@ _register(
         # Local attention, long range through the memory: the curriculum's 4,096-token rows train at ~2x the
         # speed of full causal attention on a CPU (measured), and the short 512-token rows are unaffected.
         attn_window=512,
-        t_train=3,
+        # Two steps, both supervised, both what inference may answer from: a third training step cost a third more
+        # per token and bought less than its time was worth at equal wall-clock time (docs/ablation.md).
+        t_train=2,
         t_infer=2,
-        grad_steps=2,
+        grad_steps=1,
         mem_capacity=32,
         mem_topk=4,
         mem_dim=64,
