@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from cognate.cli import main
-from cognate.data.prepare import PrepareConfig, prepare
 from cognate.export.model_dir import save_model_dir
 from cognate.model.config import get_preset
 from cognate.model.model import CognateModel
@@ -63,9 +62,8 @@ def test_a_prompt_longer_than_the_model_allows_is_refused():
         main(["bench", "generate", "--json", "--preset", "tiny", "--prompt-len", too_long])
 
 
-def test_halting_is_timed_and_its_loss_measured_against_forcing_every_step(capsys, tmp_path):
-    data = tmp_path / "data"
-    prepare(PrepareConfig(out=data, builtin=True, short_len=64, long_len=256), log=lambda _: None)
+def test_halting_is_timed_and_its_loss_measured_against_forcing_every_step(capsys, tmp_path, builtin_data):
+    data = builtin_data
     torch.manual_seed(0)
     model = CognateModel(get_preset("tiny").replace(vocab_size=tokenizer_vocab_size(data)))
     with torch.no_grad():  # an untrained halting head that sends tokens to different steps
@@ -81,4 +79,4 @@ def test_halting_is_timed_and_its_loss_measured_against_forcing_every_step(capsy
     assert 1 < report["halting_mean_steps"] < model.cfg.t_infer
     # Untrained, halting changes the loss (a little: the steps of a fresh model barely differ), never by nothing.
     assert report["halting_loss_delta"] != 0 and abs(report["halting_loss_delta"]) < 1
-    assert report["halting_data"] == str(data)
+    assert report["halting_data"] == str(data) and report["halting_prompt"] == "validation"

@@ -12,9 +12,10 @@ records the length of every input its model is given (a cached decoder sees one 
 Halting is measured against forcing every step (`halting_report`):
     halting     the cached arm again: a token that halts skips its later steps but their key/value projections
     forced      the same weights with act_enabled=False: every refinement step for every token
-timed alternately (median of `--repeats` each), so that a change in the machine's load hits both alike; with the
-mean halting step of the generated tokens, and halting_loss_delta, the validation loss with halting minus with every
-step, on `--data` (default: the data folder the model's training_stats.json names; null without one).
+timed alternately (median of `--repeats` each), so that a change in the machine's load hits both alike, on prompts
+cut from the validation rows of `--data` (default: the data folder the model's training_stats.json names; the random
+prompt without one: `halting_prompt` says which); with the mean halting step of the generated tokens, and
+halting_loss_delta, the validation loss with halting minus with every step on that data (null without it).
 """
 
 from __future__ import annotations
@@ -193,10 +194,28 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def halting_report(
-    model: CognateModel, prompt: Tensor, args: argparse.Namespace, autocast, report_arm
+    model: CognateModel, random_prompt: Tensor, args: argparse.Namespace, autocast, report_arm
 ) -> dict:
-    """Generation tokens/s with halting and with every step forced, the halting steps, and the loss of halting."""
-    device = prompt.device
+    """Generation tokens/s with halting and with every step forced, the halting steps, and the loss of halting.
+
+    With validation data the prompts are the first `--prompt-len` tokens of its rows: halting is a decision about
+    the text at hand, and on random tokens (out of distribution for any trained model) it measures nothing a user
+    meets. Without data the random prompt stands in, and the report says which was used.
+    """
+    device = random_prompt.device
+    data_dir = args.data or _training_data(args.model)
+    data = None
+    if data_dir is not None:
+        from cognate.train.data import TrainingData
+        from cognate.train.distributed import Distributed
+
+        dist = Distributed(rank=0, world_size=1, device=device)
+        data = TrainingData(data_dir, batch_size=4, seed=0, dist=dist)
+    prompt = random_prompt
+    if data is not None:
+        rows = torch.cat([ids for ids, _ in data.validation_batches(args.batch_size)])
+        if len(rows) >= args.batch_size and rows.size(1) >= args.prompt_len:
+            prompt = rows[: args.batch_size, : args.prompt_len].to(device)
     forced = CognateModel(model.cfg.replace(act_enabled=False)).to(device).eval()
     forced.load_state_dict(model.state_dict())
     seconds: dict[str, list[float]] = {"halting": [], "forced": []}
@@ -212,6 +231,7 @@ def halting_report(
         f"{name}_tokens_per_s": report_arm(name, sorted(times)[len(times) // 2])
         for name, times in seconds.items()
     }
+    report["halting_prompt"] = "random" if prompt is random_prompt else "validation"
     # Halting steps of the positions whose predictions were the generated tokens, by the rule generation used
     # (memory read at any length: an empty state turns it on).
     memory_state = None
@@ -222,13 +242,7 @@ def halting_report(
     report["halting_mean_steps"] = steps.float().mean().item()
     report["halting_speedup"] = report["halting_tokens_per_s"] / report["forced_tokens_per_s"]
     report["halting_loss_delta"] = None
-    data_dir = args.data or _training_data(args.model)
-    if data_dir is not None:
-        from cognate.train.data import TrainingData
-        from cognate.train.distributed import Distributed
-
-        dist = Distributed(rank=0, world_size=1, device=device)
-        data = TrainingData(data_dir, batch_size=4, seed=0, dist=dist)
+    if data is not None:
         with_halting, every_step = (
             validate(arm, data, HALTING_VALIDATION_BATCHES, autocast, dist)["val_loss"]
             for arm in (model, forced)
