@@ -177,8 +177,8 @@ _register(
         mem_dim=64,
         mem_chunk_size=32,
         mem_min_seq_len=512,
-        # Measured on the pretrain seeds (docs/architecture.md): at 0.5 nearly every token halts after step 1 once
-        # step 2 adds little, at +0.07 nats; at 0.65 halting costs 0.01-0.03 nats with a step variance of 0.2-0.25.
+        # The threshold of an uncalibrated model. `cognate pretrain` and `cognate bench ablation` replace it with
+        # the one calibrated on validation data (cognate.train.halting): how sharp q is after a short run varies.
         act_threshold=0.65,
     )
 )
