@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         "seconds_per_token": seconds_per_token,
         f"ratio_{lengths[-1]}_to_{lengths[0]}": round(ratio, 3),
         "preset": args.preset,
-        "memory_on_at": [n for n in lengths if cfg.mem_enabled and n >= cfg.mem_min_seq_len],
+        "memory": cfg.mem_enabled,
         "attn_window": cfg.attn_window,
         "tokens_per_step": args.tokens_per_step,
         "repeats": args.repeats,

@@ -266,7 +266,7 @@ def validation_statistics(model: CognateModel, config: EvalConfig, autocast) -> 
             "loss": loss_sum / tokens if tokens else None,
             "perplexity": metrics.perplexity_from_loss(loss_sum / tokens) if tokens else None,
         }
-        memory_by_kind[kind] = _memory_entry(cfg, dataset.seq_len, len(rows), memory_sums)
+        memory_by_kind[kind] = _memory_entry(cfg, len(rows), memory_sums)
     losses = torch.cat(token_losses).double().numpy()
     steps = torch.cat(token_steps).numpy()
     mean_loss = float(losses.mean())
@@ -284,7 +284,6 @@ def validation_statistics(model: CognateModel, config: EvalConfig, autocast) -> 
         memory = {
             "capacity": cfg.mem_capacity,
             "chunk_size": cfg.mem_chunk_size,
-            "min_seq_len": cfg.mem_min_seq_len,
             "by_kind": memory_by_kind,
         }
     return {"validation": validation, "act": act_statistics(losses, steps, cfg), "memory": memory}
@@ -307,7 +306,7 @@ def validation_rows(available: dict[str, tuple[int, int]], token_budget: int | N
     return chosen
 
 
-def _memory_entry(cfg, seq_len: int, rows: int, sums: Counter) -> dict:
+def _memory_entry(cfg, rows: int, sums: Counter) -> dict:
     """Means over the rows (a row's figures are its batch's): write rate, read gate, live slots at the end."""
     active = bool(sums) and rows > 0
     entry: dict = {"active": active, "rows": rows}
@@ -315,11 +314,7 @@ def _memory_entry(cfg, seq_len: int, rows: int, sums: Counter) -> dict:
         entry[name] = sums[name] / rows if active else None
     if not active:
         entry["inactive_reason"] = (
-            "memory is off in this model's config"
-            if not cfg.mem_enabled
-            else f"rows of {seq_len} tokens are shorter than mem_min_seq_len={cfg.mem_min_seq_len}"
-            if seq_len < cfg.mem_min_seq_len
-            else "no rows"
+            "memory is off in this model's config" if not cfg.mem_enabled else "no rows"
         )
     return entry
 
