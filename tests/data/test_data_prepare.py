@@ -233,6 +233,35 @@ def test_builtin_synthetic_curriculum_from_the_command_line(tmp_path, capsys):
     assert len(PackedDataset(tmp_path / "out", "validation", "long")) > 0
 
 
+def test_a_document_longer_than_a_row_is_a_run_of_rows_with_its_id_and_index(builtin_data):
+    """The built-in curriculum's long rows (256 tokens) hold documents longer than a row: each one's rows carry its
+    id and indices 0, 1, ... in order, and their inputs are one text, ended by eos only in the last row."""
+    data = PackedDataset(builtin_data, "train", "long")
+    ids = data.documents[:, 0]
+    long_ids = np.unique(ids[ids >= 0])
+    assert len(long_ids) == read_manifest(builtin_data)["rows"]["train"]["long"]["multi_row_documents"] > 10
+    eos = data.special.eos
+    for doc in long_ids[:20]:
+        rows = np.flatnonzero(ids == doc)
+        assert data.documents[rows, 1].tolist() == list(range(len(rows))) and len(rows) >= 2
+        inputs, targets = data.batch(rows)
+        assert not (inputs[:-1] == eos).any() and (inputs[-1] == eos).any()
+        assert (targets[:-1] != -100).all()  # every next-token pair inside the document is a target
+        assert (targets[:-1, -1] == inputs[1:, 0]).all()  # a row's last target is the next row's first input
+
+
+def test_a_folder_prepared_by_an_older_version_is_refused_with_one_line(builtin_data, tmp_path, capsys):
+    old = tmp_path / "old"
+    old.mkdir()
+    manifest = read_manifest(builtin_data)
+    del manifest["row_documents"]
+    (old / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    args = ["train", "--preset", "tiny", "--data", str(old), "--out", str(tmp_path / "run")]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "re-run `cognate data prepare`" in err and "\n" not in err
+
+
 def test_command_line_reports_bad_input_and_yaml_overrides(sample_dir, tmp_path, capsys):
     config = tmp_path / "prepare.yaml"
     config.write_text(

@@ -19,11 +19,18 @@ import torch
 
 from cognate.data.packing import loss_targets
 from cognate.data.tokenizer import SpecialTokenIds
-from cognate.errors import read_json_object
+from cognate.errors import InputFileError, read_json_object
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "validation")
 KINDS = ("short", "long")
+# The oldest prepared-folder format this reader takes: 2 added each row's document and index in it.
+OLDEST_FORMAT = 2
+
+
+def row_documents_path(split: str, kind: str) -> str:
+    """Where a prepared folder keeps the (document, index in it) of each row of a split and kind, int64 [rows, 2]."""
+    return f"{split}/{kind}-documents.npy"
 
 
 def read_manifest(folder: str | Path) -> dict:
@@ -43,6 +50,11 @@ class PackedDataset(torch.utils.data.Dataset):
             )
         folder = Path(folder)
         manifest = read_manifest(folder)
+        if int(manifest.get("format_version", 1)) < OLDEST_FORMAT:
+            raise InputFileError(
+                f"{folder / MANIFEST}: prepared by an older cognate (format {manifest.get('format_version', 1)}), "
+                "without each row's document; re-run `cognate data prepare`"
+            )
         self.seq_len = int(manifest["sequence_lengths"][kind])
         self.special = SpecialTokenIds(**manifest["tokenizer"]["special_token_ids"])
         shards = manifest["shards"][split][kind]
@@ -52,6 +64,14 @@ class PackedDataset(torch.utils.data.Dataset):
             if s["rows"]
         ]
         self._first_row = np.cumsum([0] + [len(s) for s in self._shards])
+        # Per row: the document it holds a piece of (packing.NO_DOCUMENT for rows of whole documents) and the
+        # piece's index in that document; a long document's rows are consecutive segments of one sequence.
+        self.documents = np.load(folder / manifest["row_documents"][split][kind], allow_pickle=False)
+        if self.documents.shape != (len(self), 2):
+            raise InputFileError(
+                f"{folder / manifest['row_documents'][split][kind]}: holds {self.documents.shape[0]} rows' "
+                f"documents for {len(self)} rows; re-run `cognate data prepare`"
+            )
 
     def __len__(self) -> int:
         return int(self._first_row[-1])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from cognate.data.dataset import MixedBatchSampler, PackedDataset, read_manifest
+from cognate.data.dataset import MANIFEST, OLDEST_FORMAT, MixedBatchSampler, PackedDataset, read_manifest
 from cognate.train.distributed import Distributed
 
 VALIDATION_SEED = 0  # the validation subset is the same for every run and every evaluation
@@ -26,13 +26,19 @@ def ensure_data(data_dir: Path | None, dist: Distributed) -> Path:
         read_manifest(data_dir)  # fails early, with a clear message, when the folder is not prepared
         return Path(data_dir)
     folder = builtin_data_dir()
-    if dist.is_main and not (folder / "manifest.json").exists():
+    if dist.is_main and not _is_current(folder):
         from cognate.data.prepare import PrepareConfig, prepare
 
         print(f"no --data given: preparing the built-in synthetic curriculum in {folder}", flush=True)
-        prepare(PrepareConfig(out=folder, builtin=True))
+        prepare(PrepareConfig(out=folder, builtin=True, overwrite=True))
     dist.barrier()
     return folder
+
+
+def _is_current(folder: Path) -> bool:
+    """Whether the cached built-in folder is prepared, in a format this version reads (else it is rebuilt)."""
+    path = folder / MANIFEST
+    return path.exists() and int(read_manifest(folder).get("format_version", 1)) >= OLDEST_FORMAT
 
 
 def tokenizer_vocab_size(data_dir: Path) -> int:
