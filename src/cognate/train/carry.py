@@ -49,6 +49,10 @@ class CarriedMemory:
         if held is None:
             return None
         state, before = held
+        if len(documents) < len(
+            before
+        ):  # streams of unequal length: the batch holds the first ones still going
+            state, before = state.select(list(range(len(documents)))), before[: len(documents)]
         continues = continues_document(before, documents)
         if not continues.any():
             return None
