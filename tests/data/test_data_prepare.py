@@ -1,5 +1,6 @@
 """`cognate data prepare` end to end on small files, the prepared folder's reader, and the batch order."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -334,8 +335,10 @@ def test_sampler_shards_batches_across_ranks():
 
 
 def test_sampler_state_carries_over_to_another_number_of_processes():
-    def sampler(rank=0, world_size=1):
-        return MixedBatchSampler({"short": 40}, {"short": 2}, seed=3, rank=rank, world_size=world_size)
+    def sampler(rank=0, world_size=1, lanes=2):  # the same streams (lanes) for one process or two
+        return MixedBatchSampler(
+            {"short": 40}, {"short": 2}, seed=3, rank=rank, world_size=world_size, lanes=lanes
+        )
 
     single = iter(sampler())
     order = [next(single)[1].tolist() for _ in range(12)]  # the global order
@@ -353,6 +356,34 @@ def test_sampler_state_carries_over_to_another_number_of_processes():
     next(resumed)
     with pytest.raises(ValueError, match="13 batches"):
         sampler(0, 2).load_state_dict(alone.state_dict())
+    with pytest.raises(ValueError, match="streams"):  # another number of lanes lays the rows out differently
+        sampler(lanes=4).load_state_dict(state)
+
+
+def test_sampler_streams_walk_each_long_document_row_by_row_in_one_lane_and_batch_row():
+    """Row b of a lane's successive batches continues the document row b of its previous batch held; documents
+    stay whole and in order within an epoch, and every row is used once."""
+    documents = np.array([0, 0, 0, -1, 1, 1, -1, -1, 2, 2, 2, 2, -1, 3, 3] * 4)
+    documents = np.where(documents >= 0, documents + 10 * np.repeat(np.arange(4), 15), documents)
+    sampler = MixedBatchSampler({"long": 60}, {"long": 2}, seed=5, documents={"long": documents}, lanes=3)
+    batches = list(itertools.islice(sampler.iter_with_lanes(), sampler.batches_per_epoch()))
+    assert sorted(np.concatenate([rows for _, rows, _ in batches]).tolist()) == list(range(60))
+    assert [lane for _, _, lane in batches] == [g % 3 for g in range(len(batches))]
+    streams: dict = {}
+    for _, rows, lane in batches:
+        for b, row in enumerate(rows):
+            streams.setdefault((lane, b), []).append(int(row))
+    for stream in streams.values():  # a document's rows are consecutive in one stream, unless a stream ends
+        for earlier, later in itertools.pairwise(stream):
+            same = documents[earlier] >= 0 and documents[earlier] == documents[later]
+            assert (later == earlier + 1) if same else True
+    assert sum(len(s) for s in streams.values()) == 60
+    whole = [
+        d
+        for d in np.unique(documents[documents >= 0])
+        if len({k for k, s in streams.items() if set(s) & set(np.flatnonzero(documents == d))}) == 1
+    ]
+    assert len(whole) >= 16 - 5  # only the 5 boundaries between the 6 streams can split a document
 
 
 # ------------------------------------------------------------------------------------------------ real data

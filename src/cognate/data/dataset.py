@@ -172,7 +172,7 @@ class MixedBatchSampler:
         lanes = (epoch * usable + np.arange(len(kinds))) % self.lanes
         batches: list = [None] * len(kinds)
         for kind, order in units.items():
-            size, offset = self.batch_size[kind], 0
+            size, offset = self.batch_size.get(kind, 1), 0
             for lane in range(self.lanes):
                 positions = np.flatnonzero((kinds == kind) & (lanes == lane))
                 # Stream b of this lane reads order[offset + b·n : offset + (b + 1)·n], one row per batch.
