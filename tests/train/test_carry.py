@@ -35,7 +35,7 @@ def test_a_long_document_in_segments_with_carried_memory_gives_the_loss_of_one_l
             out = model(tokens[:, part], targets=targets[:, part], memory_state=state)
             if carry:
                 carried.update(("long", 0), out.memory_state, documents)
-            loss_sum += float(out.losses["ref"]) * targets[:, part].numel()
+            loss_sum += out.losses["ref"].item() * targets[:, part].numel()
         return loss_sum / targets.numel(), out.memory_state
 
     loss, last_state = segmented(carry=True)
