@@ -31,7 +31,6 @@ MODEL = dict(
     mem_capacity=8,
     mem_topk=2,
     mem_chunk_size=32,
-    mem_min_seq_len=128,
     max_seq_len=256,
 )
 SEED_FILES = (

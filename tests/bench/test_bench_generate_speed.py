@@ -42,7 +42,7 @@ def test_command_prints_the_figures_as_one_json_line(capsys):
 
 def test_cached_uncached_and_exported_generation_give_the_same_tokens(capsys, tmp_path):
     # Short memory chunks and a strong memory read, so that memory changes the tokens: an exported model that
-    # generated without it (as a plain forward below mem_min_seq_len does) would disagree with native generation.
+    # generated without it (with memory off) would disagree with native generation.
     torch.manual_seed(0)
     model = CognateModel(get_preset("tiny").replace(mem_chunk_size=8))
     with torch.no_grad():

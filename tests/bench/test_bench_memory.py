@@ -105,6 +105,8 @@ def test_scaling_prints_seconds_per_token_per_length(capsys):
     assert set(result["seconds_per_token"]) == {"64", "128"}
     assert all(seconds > 0 for seconds in result["seconds_per_token"].values())
     assert result["ratio_128_to_64"] > 0
+    carried = result["carried_segments"]  # 128 tokens read as two segments of 64, the memory carried
+    assert (carried["length"], carried["segment"]) == (128, 64) and carried["ratio_to_64"] > 0
 
 
 class CountFlops(TorchDispatchMode):
@@ -130,13 +132,21 @@ class CountFlops(TorchDispatchMode):
         return out
 
 
-def flops_per_token(window: int | None, length: int, tokens: int = 2048) -> float:
+def flops_per_token(window: int | None, length: int, tokens: int = 2048, segment: int | None = None) -> float:
+    """Forward + backward FLOPs per token at `length`; with `segment`, read as consecutive segments of it with the
+    memory carried from one to the next (as `bench scaling` times it)."""
     torch.manual_seed(0)
     config = get_preset("memory").replace(n_layers=1, attn_window=window, max_seq_len=length, vocab_size=512)
     model = CognateModel(config).train()
     ids = torch.randint(512, (tokens // length, length))
+    targets, segment, state = torch.roll(ids, -1, 1), segment or length, None
     with CountFlops() as flops:
-        model(ids, torch.roll(ids, -1, 1)).loss.backward()
+        for first in range(0, length, segment):
+            out = model(
+                ids[:, first : first + segment], targets[:, first : first + segment], memory_state=state
+            )
+            out.loss.backward()
+            state = out.memory_state.detach()
     return flops.total / tokens
 
 
@@ -147,3 +157,7 @@ def test_training_cost_per_token_stays_flat_with_length():
     windowed = flops_per_token(512, 2048) / flops_per_token(512, 512)
     full = flops_per_token(None, 2048) / flops_per_token(None, 512)
     assert windowed < 1.1 < 1.3 < full
+    # A 2,048-token document read as four 512-token segments with the memory carried (how training reads a
+    # document longer than a row): the carried slots add reads, not work that grows with the document.
+    carried = flops_per_token(512, 2048, segment=512) / flops_per_token(512, 512)
+    assert 1.0 < carried < 1.1

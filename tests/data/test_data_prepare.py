@@ -1,5 +1,6 @@
 """`cognate data prepare` end to end on small files, the prepared folder's reader, and the batch order."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -233,6 +234,35 @@ def test_builtin_synthetic_curriculum_from_the_command_line(tmp_path, capsys):
     assert len(PackedDataset(tmp_path / "out", "validation", "long")) > 0
 
 
+def test_a_document_longer_than_a_row_is_a_run_of_rows_with_its_id_and_index(builtin_data):
+    """The built-in curriculum's long rows (256 tokens) hold documents longer than a row: each one's rows carry its
+    id and indices 0, 1, ... in order, and their inputs are one text, ended by eos only in the last row."""
+    data = PackedDataset(builtin_data, "train", "long")
+    ids = data.documents[:, 0]
+    long_ids = np.unique(ids[ids >= 0])
+    assert len(long_ids) == read_manifest(builtin_data)["rows"]["train"]["long"]["multi_row_documents"] > 10
+    eos = data.special.eos
+    for doc in long_ids[:20]:
+        rows = np.flatnonzero(ids == doc)
+        assert data.documents[rows, 1].tolist() == list(range(len(rows))) and len(rows) >= 2
+        inputs, targets = data.batch(rows)
+        assert not (inputs[:-1] == eos).any() and (inputs[-1] == eos).any()
+        assert (targets[:-1] != -100).all()  # every next-token pair inside the document is a target
+        assert (targets[:-1, -1] == inputs[1:, 0]).all()  # a row's last target is the next row's first input
+
+
+def test_a_folder_prepared_by_an_older_version_is_refused_with_one_line(builtin_data, tmp_path, capsys):
+    old = tmp_path / "old"
+    old.mkdir()
+    manifest = read_manifest(builtin_data)
+    del manifest["row_documents"]
+    (old / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    args = ["train", "--preset", "tiny", "--data", str(old), "--out", str(tmp_path / "run")]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "re-run `cognate data prepare`" in err and "\n" not in err
+
+
 def test_command_line_reports_bad_input_and_yaml_overrides(sample_dir, tmp_path, capsys):
     config = tmp_path / "prepare.yaml"
     config.write_text(
@@ -305,8 +335,10 @@ def test_sampler_shards_batches_across_ranks():
 
 
 def test_sampler_state_carries_over_to_another_number_of_processes():
-    def sampler(rank=0, world_size=1):
-        return MixedBatchSampler({"short": 40}, {"short": 2}, seed=3, rank=rank, world_size=world_size)
+    def sampler(rank=0, world_size=1, lanes=2):  # the same streams (lanes) for one process or two
+        return MixedBatchSampler(
+            {"short": 40}, {"short": 2}, seed=3, rank=rank, world_size=world_size, lanes=lanes
+        )
 
     single = iter(sampler())
     order = [next(single)[1].tolist() for _ in range(12)]  # the global order
@@ -324,6 +356,34 @@ def test_sampler_state_carries_over_to_another_number_of_processes():
     next(resumed)
     with pytest.raises(ValueError, match="13 batches"):
         sampler(0, 2).load_state_dict(alone.state_dict())
+    with pytest.raises(ValueError, match="streams"):  # another number of lanes lays the rows out differently
+        sampler(lanes=4).load_state_dict(state)
+
+
+def test_sampler_streams_walk_each_long_document_row_by_row_in_one_lane_and_batch_row():
+    """Row b of a lane's successive batches continues the document row b of its previous batch held; documents
+    stay whole and in order within an epoch, and every row is used once."""
+    documents = np.array([0, 0, 0, -1, 1, 1, -1, -1, 2, 2, 2, 2, -1, 3, 3] * 4)
+    documents = np.where(documents >= 0, documents + 10 * np.repeat(np.arange(4), 15), documents)
+    sampler = MixedBatchSampler({"long": 60}, {"long": 2}, seed=5, documents={"long": documents}, lanes=3)
+    batches = list(itertools.islice(sampler.iter_with_lanes(), sampler.batches_per_epoch()))
+    assert sorted(np.concatenate([rows for _, rows, _ in batches]).tolist()) == list(range(60))
+    assert [lane for _, _, lane in batches] == [g % 3 for g in range(len(batches))]
+    streams: dict = {}
+    for _, rows, lane in batches:
+        for b, row in enumerate(rows):
+            streams.setdefault((lane, b), []).append(int(row))
+    for stream in streams.values():  # a document's rows are consecutive in one stream, unless a stream ends
+        for earlier, later in itertools.pairwise(stream):
+            same = documents[earlier] >= 0 and documents[earlier] == documents[later]
+            assert (later == earlier + 1) if same else True
+    assert sum(len(s) for s in streams.values()) == 60
+    whole = [
+        d
+        for d in np.unique(documents[documents >= 0])
+        if len({k for k, s in streams.items() if set(s) & set(np.flatnonzero(documents == d))}) == 1
+    ]
+    assert len(whole) >= 16 - 5  # only the 5 boundaries between the 6 streams can split a document
 
 
 # ------------------------------------------------------------------------------------------------ real data

@@ -27,12 +27,21 @@ from cognate.data.readers import SkipLog
 from cognate.data.tokenizer import encode_texts, load_tokenizer, train_tokenizer
 from cognate.eval import tasks
 from cognate.eval.commands import format_report
-from cognate.eval.evaluate import EvalConfig, EvalError, evaluate, evaluate_model_dir, validation_rows
+from cognate.eval.evaluate import (
+    EvalConfig,
+    EvalError,
+    evaluate,
+    evaluate_model_dir,
+    stream_batches,
+    validation_rows,
+)
 from cognate.export.model_dir import load_model_dir, save_model_dir
 from cognate.model.config import CognateConfig
 from cognate.model.model import CognateModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))  # the data tests' source-file writers
+import itertools
+
 from sample_sources import gsm8k_row, mbpp_row, write_sample_sources
 
 SHORT_RECORDS = 24  # per short source: 24 GSM8K problems, MBPP ids 1-3, 11, 12 and 601-624, ...
@@ -79,7 +88,6 @@ def model_dir(tmp_path_factory, sources) -> Path:
         mem_topk=3,
         mem_dim=16,
         mem_chunk_size=8,
-        mem_min_seq_len=128,  # on for the long rows (256), off for the short ones (64)
     )
     torch.manual_seed(0)
     model = CognateModel(config)
@@ -137,10 +145,42 @@ def test_validation_act_and_memory_figures_are_in_range(cli_run):
     assert sum(q["tokens"] for q in act["steps_by_loss_quartile"]) == act["tokens"] == validation["tokens"]
     assert -1.0 <= act["loss_step_correlation"] <= 1.0
     memory = report["memory"]
-    assert not memory["by_kind"]["short"]["active"]  # 64-token rows: below mem_min_seq_len
-    long = memory["by_kind"]["long"]
-    assert long["active"] and in_unit_range(long["write_rate"]) and in_unit_range(long["read_gate"])
-    assert 0 < long["slots_used"] <= memory["capacity"]
+    assert memory["by_kind"]["long"]["rows"] > 0
+    for entry in memory["by_kind"].values():  # memory runs at every length, on every kind that has rows
+        assert entry["active"] == (entry["rows"] > 0)
+        if entry["active"]:
+            assert in_unit_range(entry["write_rate"]) and in_unit_range(entry["read_gate"])
+            assert 0 < entry["slots_used"] <= memory["capacity"]
+
+
+def test_long_documents_are_scored_with_and_without_carried_memory(cli_run, data_dir):
+    """The QA documents longer than a 256-token row: their loss with the memory carried row to row and with each
+    row alone; the same tokens both ways, different losses on the rows after the first (the carry changes them),
+    the same on first rows."""
+    _, report, printed = cli_run
+    context = report["long_context"]
+    ids = PackedDataset(data_dir, "validation", "long").documents[:, 0]
+    assert context["documents"] == len(np.unique(ids[ids >= 0])) > 0  # every row read (within val_tokens)
+    assert (
+        0
+        < context["later_rows_tokens"]
+        < context["tokens"]
+        <= report["validation"]["by_kind"]["long"]["tokens"]
+    )
+    for part in ("", "later_rows_"):
+        assert VOCAB / 4 < math.exp(context[f"{part}loss_carried_memory"]) < VOCAB * 4
+    assert context["later_rows_loss_carried_memory"] != context["later_rows_loss_rows_alone"]
+    first_tokens = context["tokens"] - context["later_rows_tokens"]
+    first_carried = (
+        context["loss_carried_memory"] * context["tokens"]
+        - context["later_rows_loss_carried_memory"] * context["later_rows_tokens"]
+    )
+    first_alone = (
+        context["loss_rows_alone"] * context["tokens"]
+        - context["later_rows_loss_rows_alone"] * context["later_rows_tokens"]
+    )
+    assert first_carried / first_tokens == pytest.approx(first_alone / first_tokens, rel=1e-5)
+    assert "long-context loss" in printed
 
 
 def test_task_scores_are_in_range_and_mbpp_uses_its_test_split(cli_run):
@@ -341,3 +381,34 @@ def test_validation_rows_keep_the_short_long_mix_within_the_budget(short, long, 
         share = budget / total  # every kind keeps this share of its rows, to the nearest row (at least one)
         assert all(abs(len(chosen[k]) - share * n) <= 1 for k, (n, _) in available.items())
         assert sum(len(chosen[k]) * seq_len for k, (_, seq_len) in available.items()) <= budget + 512 + 4096
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 6), min_size=1, max_size=30),
+    n_streams=st.integers(1, 5),
+    seed=st.integers(0, 9),
+)
+def test_validation_keeps_long_documents_whole_and_reads_their_rows_in_order_in_one_stream(
+    sizes, n_streams, seed
+):
+    ids = np.concatenate([np.full(n, doc if n > 1 else -1) for doc, n in enumerate(sizes)])
+    rows = validation_rows({"long": (len(ids), 256)}, 256 * (seed + 1), {"long": ids})["long"]
+    for doc in np.unique(ids[ids >= 0]):  # a document is read whole or not at all
+        assert (
+            np.isin(np.flatnonzero(ids == doc), rows).all()
+            or not np.isin(np.flatnonzero(ids == doc), rows).any()
+        )
+    batches = stream_batches(rows, ids, n_streams)
+    assert sorted(np.concatenate(batches).tolist()) == rows.tolist()
+    assert all(len(a) >= len(b) for a, b in itertools.pairwise(batches))  # longest streams first
+    # Row k + 1 of a document follows row k in the next batch, at the same position.
+    for doc in np.unique(ids[rows][ids[rows] >= 0]):
+        where = [
+            (j, list(batch).index(r))
+            for r in np.flatnonzero(ids == doc)
+            for j, batch in enumerate(batches)
+            if r in batch
+        ]
+        assert [j for j, _ in where] == list(range(where[0][0], where[0][0] + len(where)))
+        assert len({b for _, b in where}) == 1

@@ -30,7 +30,6 @@ def model_dir(tmp_path_factory):
         mem_topk=3,
         mem_dim=16,
         mem_chunk_size=8,
-        mem_min_seq_len=32,
     )
     torch.manual_seed(0)
     return save_model_dir(

@@ -43,7 +43,6 @@ def hf_dirs(tmp_path_factory):
         ffn_hidden=64,
         mem_dim=16,
         mem_chunk_size=16,
-        mem_min_seq_len=64,
     )
     assert config.act_enabled and config.mem_enabled  # every kind of tensor is exported
     torch.manual_seed(0)

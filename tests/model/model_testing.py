@@ -25,7 +25,6 @@ def small_config(**changes) -> CognateConfig:
         mem_topk=3,
         mem_dim=16,
         mem_chunk_size=4,
-        mem_min_seq_len=8,
     )
     return base.replace(**changes)
 
@@ -61,7 +60,6 @@ def small_tokenizer_and_config(seed: int, **changes):
         n_layers=2,
         ffn_hidden=64,
         mem_dim=16,
-        mem_min_seq_len=64,
         **changes,
     )
     return tokenizer, config

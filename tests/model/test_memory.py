@@ -26,7 +26,6 @@ def make_config(**changes) -> CognateConfig:
         mem_dim=16,
         mem_chunk_size=4,
         mem_decay=0.9,
-        mem_min_seq_len=1,
     )
     return CognateConfig(**{**base, **changes})
 

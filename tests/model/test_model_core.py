@@ -9,6 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from model_testing import VOCAB, random_tokens, small_model
 
+from cognate.model.model import CognateModel
+
 LENGTH = 21  # 5 complete memory chunks of 4 and a partial one
 
 
@@ -56,10 +58,12 @@ def test_forward_returns_total_loss_its_parts_logits_and_statistics(mode):
     assert out.memory_state.keys.shape[:3] == (n_steps, 2, cfg.mem_capacity)
 
 
-def test_without_targets_there_is_no_loss_and_short_inputs_run_without_memory():
+def test_without_targets_there_is_no_loss_and_memory_off_returns_no_state():
     model = _model("eval", None)
-    out = _forward(model, random_tokens(1, model.cfg.mem_min_seq_len - 1))
-    assert out.loss is None
+    out = _forward(model, random_tokens(1, 5))
+    assert out.loss is None and out.memory_state is not None  # memory runs at every length
+    off = CognateModel(model.cfg.replace(mem_enabled=False)).eval()
+    out = _forward(off, random_tokens(1, 5))
     assert out.memory_state is None and out.memory == {}
     assert out.losses["read"] == 0 and out.losses["write"] == 0
 

@@ -1,5 +1,7 @@
 """generate(): the KV cache changes nothing but speed; sampling, nucleus and end-of-sequence handling."""
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -73,6 +75,27 @@ def test_decoding_piece_by_piece_gives_the_logits_and_memory_of_evaluating_the_w
     torch.testing.assert_close(carried.strength, expected.strength, rtol=1e-4, atol=1e-6)
     # The last token came alone: its surprise was measured against the previous call's logits, not lost.
     torch.testing.assert_close(carried.pending_surprise, expected.pending_surprise, equal_nan=True)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_each_position_is_a_function_of_its_prefix_at_every_length_and_by_forward_or_decode(mode):
+    """Short inputs with memory on and no memory state given: the logits of the first S tokens are the same when
+    S + 1 tokens are run, and (in evaluation) when the tokens are decoded one by one. A rule that turned memory
+    on only from some length would break both at that length."""
+    model = small_model(seed=3).train(mode == "train")
+    with torch.no_grad():  # a strong memory read, so that whether memory runs shows in the logits
+        for block in model.layers:
+            block.memory_read.out.weight.mul_(300)
+    tokens = random_tokens(2, 13, seed=4)
+    runs = [model(tokens[:, :length]) for length in range(1, tokens.size(1) + 1)]
+    assert runs[-1].memory["slots_used"] > 0
+    for shorter, longer in itertools.pairwise(runs):
+        length = shorter.logits.size(1)
+        torch.testing.assert_close(longer.logits[:, :length], shorter.logits, rtol=1e-4, atol=1e-5)
+    if mode == "eval":
+        state = DecodeState()
+        decoded = torch.cat([model.decode(tokens[:, i : i + 1], state) for i in range(tokens.size(1))], dim=1)
+        torch.testing.assert_close(decoded, runs[-1].logits, rtol=1e-4, atol=1e-5)
 
 
 def test_generation_leaves_the_model_in_the_mode_it_found_it():

@@ -17,6 +17,7 @@ import torch
 
 from cognate.model.config import get_preset
 from cognate.train import checkpoint, trainer
+from cognate.train.carry import CarriedMemory
 from cognate.train.config import TrainConfig
 from cognate.train.data import TrainingData
 from cognate.train.distributed import Distributed
@@ -34,7 +35,6 @@ MODEL = dict(
     mem_capacity=8,
     mem_topk=2,
     mem_chunk_size=32,
-    mem_min_seq_len=128,
     max_seq_len=256,
 )
 TRAIN = dict(
@@ -148,11 +148,50 @@ def test_sigkill_then_resume_continues_from_the_checkpoint_with_the_same_per_ste
     trained_on = [json.loads(line) for line in trained_on.read_text().splitlines()]
 
     # The micro-batches of steps resumed_from + 1 ... 2·steps of an uninterrupted run, in order, and no others.
-    order = TrainingData(data_dir, batch_size=TRAIN["batch_size"], seed=TrainConfig().seed, dist=_single())
+    order = TrainingData(
+        data_dir,
+        batch_size=TRAIN["batch_size"],
+        seed=TrainConfig().seed,
+        dist=_single(),
+        grad_accum=TRAIN["grad_accum"],
+    )
     expected = [order.next_batch()[0].tolist() for _ in range(2 * steps * TRAIN["grad_accum"])]
     assert trained_on == expected[resumed_from * TRAIN["grad_accum"] :]
     assert losses(killed) == losses(straight)  # identical, not merely close: same bits on the same CPU
     assert sorted(losses(killed)) == list(range(1, 2 * steps + 1))
+
+
+def test_a_resume_restores_the_memory_a_long_document_carries_into_its_next_row(
+    data_dir, tmp_path, monkeypatch
+):
+    """The checkpoint holds each stream's carried memory; resumed from a step where a document continues in the
+    next update, the run logs the losses of the uninterrupted one, bit for bit."""
+    config = TrainConfig(**{**TRAIN, "max_steps": 8, "eval_interval": 100})
+    saved_at, save = {}, checkpoint.save_atomic
+
+    def save_and_keep(state, path):  # a copy of the first checkpoint (after step 2) that carries memory
+        save(state, path)
+        first = path.name == trainer.CHECKPOINT and not saved_at and state["progress"]["step"] >= 2
+        if first and state["carried_memory"]:
+            saved_at["step"] = state["progress"]["step"]
+            save(state, tmp_path / "kept.pt")
+
+    monkeypatch.setattr(checkpoint, "save_atomic", save_and_keep)
+    trainer.train(model_config(data_dir), config, data_dir, tmp_path / "straight", _single())
+    monkeypatch.setattr(checkpoint, "save_atomic", save)
+    assert saved_at, "no checkpoint carried memory: the test data has no document spanning rows"
+    kept = checkpoint.load(tmp_path / "kept.pt")
+    for entry in kept["carried_memory"].values():
+        assert (entry["documents"][:, 0] >= 0).any() and entry["strength"].gt(0).any()
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / trainer.RUN_CONFIG).write_text((tmp_path / "straight" / trainer.RUN_CONFIG).read_text())
+    (tmp_path / "kept.pt").rename(resumed / trainer.CHECKPOINT)
+    trainer.train(model_config(data_dir), config, data_dir, resumed, _single(), resume=True)
+    straight = losses(tmp_path / "straight")
+    assert sorted(losses(resumed)) == list(range(saved_at["step"] + 1, 9))
+    assert {step: straight[step] for step in losses(resumed)} == losses(resumed)
 
 
 @pytest.mark.slow
@@ -421,9 +460,13 @@ def test_validation_reports_the_loss_after_each_step_and_the_spread_of_halting(d
         row["val_loss_step_2"] == pytest.approx(row["val_loss"]) and row["val_loss_step_1"] != row["val_loss"]
     )
     model.eval()
+    carried, steps = CarriedMemory(), []
     with torch.no_grad():
-        steps = torch.cat(
-            [model(x, targets=y).act["steps"][y != -100] for x, y in data.validation_batches(3)]
-        ).double()
+        for batch in data.validation_batches(3):
+            memory = carried.state_for(batch.stream, batch.documents)
+            out = model(batch.input_ids, targets=batch.targets, memory_state=memory)
+            carried.update(batch.stream, out.memory_state, batch.documents)
+            steps.append(out.act["steps"][batch.targets != -100])
+    steps = torch.cat(steps).double()
     assert row["val_act_mean_steps"] == pytest.approx(steps.mean().item())
     assert row["val_act_var_steps"] == pytest.approx(steps.var(unbiased=False).item()) and steps.var() > 0

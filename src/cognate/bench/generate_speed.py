@@ -213,7 +213,7 @@ def halting_report(
         data = TrainingData(data_dir, batch_size=4, seed=0, dist=dist)
     prompt = random_prompt
     if data is not None:
-        rows = torch.cat([ids for ids, _ in data.validation_batches(args.batch_size)])
+        rows = torch.cat([batch.input_ids for batch in data.validation_batches(args.batch_size)])
         if len(rows) >= args.batch_size and rows.size(1) >= args.prompt_len:
             prompt = rows[: args.batch_size, : args.prompt_len].to(device)
     forced = CognateModel(model.cfg.replace(act_enabled=False)).to(device).eval()

@@ -108,7 +108,6 @@ def model_config(settings: RecallSettings, memory: bool) -> CognateConfig:
         mem_topk=s.mem_topk,
         mem_dim=s.mem_dim,
         mem_chunk_size=s.chunk_size,
-        mem_min_seq_len=s.chunk_size,
     )
 
 

@@ -19,11 +19,18 @@ import torch
 
 from cognate.data.packing import loss_targets
 from cognate.data.tokenizer import SpecialTokenIds
-from cognate.errors import read_json_object
+from cognate.errors import InputFileError, read_json_object
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "validation")
 KINDS = ("short", "long")
+# The oldest prepared-folder format this reader takes: 2 added each row's document and index in it.
+OLDEST_FORMAT = 2
+
+
+def row_documents_path(split: str, kind: str) -> str:
+    """Where a prepared folder keeps the (document, index in it) of each row of a split and kind, int64 [rows, 2]."""
+    return f"{split}/{kind}-documents.npy"
 
 
 def read_manifest(folder: str | Path) -> dict:
@@ -43,6 +50,11 @@ class PackedDataset(torch.utils.data.Dataset):
             )
         folder = Path(folder)
         manifest = read_manifest(folder)
+        if int(manifest.get("format_version", 1)) < OLDEST_FORMAT:
+            raise InputFileError(
+                f"{folder / MANIFEST}: prepared by an older cognate (format {manifest.get('format_version', 1)}), "
+                "without each row's document; re-run `cognate data prepare`"
+            )
         self.seq_len = int(manifest["sequence_lengths"][kind])
         self.special = SpecialTokenIds(**manifest["tokenizer"]["special_token_ids"])
         shards = manifest["shards"][split][kind]
@@ -52,6 +64,14 @@ class PackedDataset(torch.utils.data.Dataset):
             if s["rows"]
         ]
         self._first_row = np.cumsum([0] + [len(s) for s in self._shards])
+        # Per row: the document it holds a piece of (packing.NO_DOCUMENT for rows of whole documents) and the
+        # piece's index in that document; a long document's rows are consecutive segments of one sequence.
+        self.documents = np.load(folder / manifest["row_documents"][split][kind], allow_pickle=False)
+        if self.documents.shape != (len(self), 2):
+            raise InputFileError(
+                f"{folder / manifest['row_documents'][split][kind]}: holds {self.documents.shape[0]} rows' "
+                f"documents for {len(self)} rows; re-run `cognate data prepare`"
+            )
 
     def __len__(self) -> int:
         return int(self._first_row[-1])
@@ -81,13 +101,21 @@ class PackedDataset(torch.utils.data.Dataset):
 
 
 class MixedBatchSampler:
-    """A deterministic, resumable order of batches over the short and long rows.
+    """A deterministic, resumable order of batches over the short and long rows, in parallel streams.
 
-    One epoch uses every row once: each kind's rows are shuffled and cut into batches of that kind's size, and
-    the batches of both kinds are shuffled together, so short and long batches interleave and each kind's share
-    of tokens over an epoch is its share in the data. The order is a function of (seed, epoch) only; the state
-    is (epoch, batches done in it by all ranks together). With `world_size` > 1, rank r takes batches r,
-    r + world_size, ...; the state does not depend on world_size, so a run can resume on another number of
+    One epoch uses every row once (but the fewer than a batch left over of each kind): each kind's rows are
+    shuffled by document, a document longer than a row keeping its rows together and in order, and the batches
+    of both kinds are shuffled together, so short and long batches interleave and each kind's share of tokens
+    over an epoch is its share in the data. The order is a function of (seed, epoch, lanes) only; the state is
+    (epoch, batches done in it by all ranks together).
+
+    Streams. Global batch g (counted over epochs) belongs to lane g mod `lanes`. Each lane holds, per kind,
+    `batch_size` streams: row b of the lane's successive batches of a kind walks one stretch of the shuffled
+    rows, so it reads a long document's rows one after another, and whoever processes a lane's batches can
+    carry state (the model's memory) from row b of one to row b of the next. With `world_size` > 1, rank r
+    takes batches r, r + world_size, ...; `lanes` must be a multiple of world_size, so a lane's batches all go
+    to one rank (the trainer uses lanes = micro-batches per update over all ranks: lane = the micro-batch's
+    index in its update). The state does not depend on world_size, so a run can resume on another number of
     processes when the batches done are a multiple of it.
     """
 
@@ -96,50 +124,98 @@ class MixedBatchSampler:
         rows: dict[str, int],
         batch_size: dict[str, int],
         seed: int,
-        drop_last: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        documents: dict[str, np.ndarray] | None = None,
+        lanes: int | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
         if any(batch_size.get(kind, 0) < 1 for kind, n in rows.items() if n):
             raise ValueError(f"every kind with rows needs a batch size >= 1, got {batch_size}")
+        lanes = world_size if lanes is None else lanes
+        if lanes < 1 or lanes % world_size:
+            raise ValueError(f"lanes must be a positive multiple of world_size={world_size}, got {lanes}")
         self.rows, self.batch_size, self.seed = dict(rows), dict(batch_size), seed
-        self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
+        self.rank, self.world_size, self.lanes = rank, world_size, lanes
+        # Per kind, each row's document (packing.NO_DOCUMENT: whole documents only); None: every row its own.
+        self.documents = {kind: None if documents is None else documents.get(kind) for kind in rows}
         self.epoch, self.position = 0, 0
-        if not self._epoch_batches(0):
+        batches = self._epoch_batches(0)
+        if not batches:
             raise ValueError(f"no complete batch: rows {rows}, batch sizes {batch_size}")
+        self._usable = len(batches) - len(batches) % world_size  # batches run per epoch, over all ranks
 
-    def _epoch_batches(self, epoch: int) -> list[tuple[str, np.ndarray]]:
+    def _units(self, kind: str, rng: np.random.Generator) -> np.ndarray:
+        """The kind's rows shuffled by document: a multi-row document's rows stay together, in order."""
+        n = self.rows[kind]
+        documents = self.documents[kind]
+        if documents is None:
+            return rng.permutation(n)
+        documents = np.asarray(documents)
+        starts = np.flatnonzero(np.r_[True, (documents[1:] != documents[:-1]) | (documents[1:] < 0)])
+        lengths = np.diff(np.r_[starts, n])
+        order = rng.permutation(len(starts))
+        first = np.repeat(starts[order] - (np.cumsum(lengths[order]) - lengths[order]), lengths[order])
+        return first + np.arange(n)
+
+    def _epoch_batches(self, epoch: int) -> list[tuple[str, np.ndarray, int]]:
+        """(kind, rows, lane) of every batch of the epoch, in the order all ranks together take them."""
         rng = np.random.default_rng([self.seed, epoch])
-        batches = []
-        for kind in sorted(self.rows):
-            order = rng.permutation(self.rows[kind])
-            size = self.batch_size.get(kind, 1)
-            end = len(order) - len(order) % size if self.drop_last else len(order)
-            batches += [(kind, order[i : i + size]) for i in range(0, end, size)]
-        return [batches[i] for i in rng.permutation(len(batches))]
+        units = {kind: self._units(kind, rng) for kind in sorted(self.rows)}
+        counts = {kind: len(order) // self.batch_size.get(kind, 1) for kind, order in units.items()}
+        kinds = np.array([kind for kind in units for _ in range(counts[kind])])
+        kinds = kinds[rng.permutation(len(kinds))]
+        if not len(kinds):
+            return []
+        usable = len(kinds) - len(kinds) % self.world_size  # the same in every epoch
+        lanes = (epoch * usable + np.arange(len(kinds))) % self.lanes
+        batches: list = [None] * len(kinds)
+        for kind, order in units.items():
+            size, offset = self.batch_size.get(kind, 1), 0
+            for lane in range(self.lanes):
+                positions = np.flatnonzero((kinds == kind) & (lanes == lane))
+                # Stream b of this lane reads order[offset + b·n : offset + (b + 1)·n], one row per batch.
+                streams = order[offset : offset + size * len(positions)].reshape(size, len(positions))
+                offset += size * len(positions)
+                for index, position in enumerate(positions):
+                    batches[position] = (kind, streams[:, index], lane)
+        return batches
 
     def batches_per_epoch(self) -> int:
-        return len(self._epoch_batches(0)) // self.world_size
+        return self._usable // self.world_size
 
-    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
-        """Endless: epoch after epoch, from the saved position."""
+    def iter_with_lanes(self) -> Iterator[tuple[str, np.ndarray, int]]:
+        """Endless: (kind, rows, lane), epoch after epoch, from the saved position."""
         while True:
             batches = self._epoch_batches(self.epoch)
-            usable = len(batches) - len(batches) % self.world_size
-            while self.position * self.world_size < usable:
-                kind, rows = batches[self.position * self.world_size + self.rank]
+            while self.position * self.world_size < self._usable:
+                kind, rows, lane = batches[self.position * self.world_size + self.rank]
                 self.position += 1
-                yield kind, rows
+                yield kind, rows, lane
             self.epoch, self.position = self.epoch + 1, 0
 
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Endless: (kind, rows), epoch after epoch, from the saved position."""
+        for kind, rows, _ in self.iter_with_lanes():
+            yield kind, rows
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_done": self.position * self.world_size, "seed": self.seed}
+        return {
+            "epoch": self.epoch,
+            "batches_done": self.position * self.world_size,
+            "seed": self.seed,
+            "lanes": self.lanes,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["seed"] != self.seed:
             raise ValueError(f"sampler state is for seed {state['seed']}, this sampler has seed {self.seed}")
+        if state.get("lanes", self.lanes) != self.lanes:  # states from before streams had no lanes
+            raise ValueError(
+                f"the data order was laid out in {state['lanes']} streams (micro-batches per update over all "
+                f"processes) and this run has {self.lanes}: keep grad_accum x processes the same to resume"
+            )
         # "position" (per process, for this world_size): what checkpoints held before "batches_done".
         done = (
             int(state["batches_done"])

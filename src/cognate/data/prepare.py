@@ -20,7 +20,7 @@ import numpy as np
 
 from cognate.data import curriculum, synthetic
 from cognate.data import sources as src
-from cognate.data.dataset import KINDS, MANIFEST, SPLITS
+from cognate.data.dataset import KINDS, MANIFEST, SPLITS, row_documents_path
 from cognate.data.formatting import Document
 from cognate.data.packing import pack_rows
 from cognate.data.readers import SkipLog
@@ -34,7 +34,8 @@ from cognate.data.tokenizer import (
     train_tokenizer,
 )
 
-FORMAT_VERSION = 1
+# 2: each split and kind also stores its rows' (document, index in it), `{split}/{kind}-documents.npy`.
+FORMAT_VERSION = 2
 BUILTIN_VOCAB_SIZE = 4096
 MAX_LONG_LEN = 8192
 SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 per shard file
@@ -217,15 +218,19 @@ def prepare(config: PrepareConfig, log: Callable[[str], None] = print) -> dict:
         for split in SPLITS:
             splits[split] = _mix_split(documents, indices[split], encoded, corpus.sides, config, split)
         timer.lap("mix")
-        packed = {
-            split: _pack_split(splits[split]["rows_of"], encoded, config, special.pad) for split in SPLITS
-        }
+        packed, documents = {}, {}
+        for split in SPLITS:
+            both = _pack_split(splits[split]["rows_of"], encoded, config, special.pad)
+            packed[split] = {kind: rows for kind, (rows, _) in both.items()}
+            documents[split] = {kind: docs for kind, (_, docs) in both.items()}
         timer.lap("pack")
         for split in SPLITS:
             shards[split] = {kind: _write_shards(tmp, split, kind, packed[split][kind]) for kind in KINDS}
+            for kind in KINDS:
+                np.save(tmp / row_documents_path(split, kind), documents[split][kind], allow_pickle=False)
         timer.lap("write")
         manifest = _manifest(
-            config, corpus, skips, splits, packed, shards, tokenizer, special, tokenizer_hash
+            config, corpus, skips, splits, packed, shards, tokenizer, special, tokenizer_hash, documents
         )
         read, stored = (
             int(encoded.lengths.sum()),
@@ -343,7 +348,7 @@ def _write_shards(folder: Path, split: str, kind: str, rows: np.ndarray) -> list
 
 
 def _manifest(
-    config, corpus: Corpus, skips, splits, packed, shards, tokenizer, special, tokenizer_hash
+    config, corpus: Corpus, skips, splits, packed, shards, tokenizer, special, tokenizer_hash, documents
 ) -> dict:
     names = [n for n in (*src.SOURCE_ORDER, *synthetic.SIDES) if n in corpus.sides]
     sources = {}
@@ -371,6 +376,8 @@ def _manifest(
                 "padding_fraction": round(float((packed[split][kind] == special.pad).mean()), 4)
                 if packed[split][kind].size
                 else 0.0,
+                # documents longer than a row, each stored as a run of rows read in order
+                "multi_row_documents": len(np.unique(documents[split][kind][:, 0].clip(min=-1))) - 1,
             }
             for kind in KINDS
         }
@@ -402,6 +409,9 @@ def _manifest(
         "inputs": corpus.inputs,
         "rows": rows,
         "shards": shards,
+        "row_documents": {
+            split: {kind: row_documents_path(split, kind) for kind in KINDS} for split in SPLITS
+        },
     }
 
 

@@ -161,6 +161,22 @@ def format_report(report: dict) -> str:
                         f"slots used {entry['slots_used']:.1f} of {memory['capacity']}",
                     )
                 )
+    if (context := report.get("long_context")) and context["tokens"]:
+        rows.append(
+            (
+                "long-context loss",
+                f"{context['loss_carried_memory']:.4f} with carried memory, {context['loss_rows_alone']:.4f} "
+                f"rows alone ({context['documents']} documents of {context['rows']} rows)",
+            )
+        )
+        if context["later_rows_tokens"]:
+            rows.append(
+                (
+                    "  their later rows",
+                    f"{context['later_rows_loss_carried_memory']:.4f} carried, "
+                    f"{context['later_rows_loss_rows_alone']:.4f} alone",
+                )
+            )
     if math_section := report["math"]:
         label = "math EM (SYNTHETIC)" if math_section["synthetic"] else "math EM"
         rows.append((label, _share(math_section["exact_match"])))

@@ -31,6 +31,7 @@ from cognate.eval.sandbox import check_mbpp_solution, describe_isolation
 from cognate.eval.tasks import Example, HeldOutSplit, SourceUnavailable
 from cognate.export.model_dir import load_model_dir, tokenizer_sha256
 from cognate.model.model import IGNORE_INDEX, CognateModel
+from cognate.train.carry import CarriedMemory
 
 REPORT_VERSION = 1
 VALIDATION_SEED = 0  # which validation rows a token budget keeps: the same rows for every model
@@ -183,12 +184,12 @@ def evaluate(
         log(f"validation: reading {config.data}")
         report |= validation_statistics(model, config, runner.autocast)
         if report["memory"] is None:
-            skipped["memory"] = "the model's config has mem_enabled=false"
+            skipped["memory"] = skipped["long_context"] = "the model's config has mem_enabled=false"
         if report["act"]["loss_step_correlation"] is None:
             skipped["act.loss_step_correlation"] = "every token halted at the same step"
     else:
-        report |= {"validation": None, "act": None, "memory": None}
-        for section in ("validation", "act", "memory"):
+        report |= {"validation": None, "act": None, "memory": None, "long_context": None}
+        for section in ("validation", "act", "memory", "long_context"):
             skipped[section] = "needs --data DIR (a prepared folder with validation rows)"
     timings["validation"] = time.perf_counter() - started
 
@@ -230,27 +231,41 @@ def evaluate(
 def validation_statistics(model: CognateModel, config: EvalConfig, autocast) -> dict:
     """Perplexity, ACT statistics and memory statistics over the prepared folder's validation rows.
 
-    Returns {"validation": ..., "act": ..., "memory": ...}. Perplexity is exp of the token-weighted mean CE of
-    the logits the model answers with in inference (each token's, at its halting step).
+    Returns {"validation": ..., "act": ..., "memory": ..., "long_context": ...}. Perplexity is exp of the
+    token-weighted mean CE of the logits the model answers with in inference (each token's, at its halting step).
+    A document longer than a row is read as in training: its rows in order, the memory carried from each to the
+    next. "long_context" compares that with reading each of its rows alone.
     """
     cfg = model.cfg
     device = _device(model)
     datasets = {kind: PackedDataset(config.data, "validation", kind) for kind in KINDS}
-    chosen = validation_rows({k: (len(d), d.seq_len) for k, d in datasets.items()}, config.val_tokens)
+    chosen = validation_rows(
+        {k: (len(d), d.seq_len) for k, d in datasets.items()},
+        config.val_tokens,
+        {k: d.documents[:, 0] for k, d in datasets.items()},
+    )
     if not any(len(rows) for rows in chosen.values()):
         raise EvalError(f"{config.data} has no validation rows")
     token_losses, token_steps = [], []
     step_sums = torch.zeros(cfg.t_infer, dtype=torch.float64)  # CE summed over tokens after each step
     by_kind, memory_by_kind = {}, {}
+    long_context = _LongContextSums()
     for kind, rows in chosen.items():
         dataset = datasets[kind]
         per_batch = max(1, config.batch_tokens // dataset.seq_len)
         loss_sum, tokens, memory_sums = 0.0, 0, Counter()
-        for start in range(0, len(rows), per_batch):
-            input_ids, targets = (t.to(device) for t in dataset.batch(rows[start : start + per_batch]))
+        carried = CarriedMemory()
+        for indices in stream_batches(rows, dataset.documents[:, 0], per_batch):
+            input_ids, targets = (t.to(device) for t in dataset.batch(indices))
+            documents = dataset.documents[indices]
             with autocast():
-                out = model(input_ids, targets=targets)
+                out = model(input_ids, targets=targets, memory_state=carried.state_for((kind, 0), documents))
+            carried.update((kind, 0), out.memory_state, documents)
             valid = targets != IGNORE_INDEX
+            if cfg.mem_enabled and (documents[:, 0] >= 0).any():
+                with autocast():
+                    alone = model(input_ids, targets=targets).step_losses[-1]
+                long_context.add(out.step_losses[-1], alone, valid, documents)
             losses = out.step_losses[-1]  # each token's CE at its halting step
             step_sums += torch.stack([step[valid].double().sum() for step in out.step_losses]).cpu()
             token_losses.append(losses[valid].cpu())
@@ -266,7 +281,7 @@ def validation_statistics(model: CognateModel, config: EvalConfig, autocast) -> 
             "loss": loss_sum / tokens if tokens else None,
             "perplexity": metrics.perplexity_from_loss(loss_sum / tokens) if tokens else None,
         }
-        memory_by_kind[kind] = _memory_entry(cfg, dataset.seq_len, len(rows), memory_sums)
+        memory_by_kind[kind] = _memory_entry(cfg, len(rows), memory_sums)
     losses = torch.cat(token_losses).double().numpy()
     steps = torch.cat(token_steps).numpy()
     mean_loss = float(losses.mean())
@@ -284,18 +299,57 @@ def validation_statistics(model: CognateModel, config: EvalConfig, autocast) -> 
         memory = {
             "capacity": cfg.mem_capacity,
             "chunk_size": cfg.mem_chunk_size,
-            "min_seq_len": cfg.mem_min_seq_len,
             "by_kind": memory_by_kind,
         }
-    return {"validation": validation, "act": act_statistics(losses, steps, cfg), "memory": memory}
+    return {
+        "validation": validation,
+        "act": act_statistics(losses, steps, cfg),
+        "memory": memory,
+        "long_context": long_context.report() if cfg.mem_enabled else None,
+    }
 
 
-def validation_rows(available: dict[str, tuple[int, int]], token_budget: int | None) -> dict[str, np.ndarray]:
-    """Which rows of each kind to read: {kind: (rows, seq_len)} -> {kind: row indices}.
+class _LongContextSums:
+    """CE sums over the tokens of documents longer than a row: read with the memory carried from row to row,
+    and each row alone; over all their rows and over their later rows (index >= 1, the ones a carry can help)."""
+
+    def __init__(self):
+        self.sums = {name: [0.0, 0.0, 0] for name in ("all", "later_rows")}  # carried, alone, tokens
+        self.documents: set[int] = set()
+        self.rows = 0
+
+    def add(self, carried: torch.Tensor, alone: torch.Tensor, valid: torch.Tensor, documents: np.ndarray):
+        in_document = torch.from_numpy(documents[:, 0] >= 0).to(valid.device)[:, None] & valid
+        later = torch.from_numpy(documents[:, 1] >= 1).to(valid.device)[:, None] & in_document
+        for name, mask in (("all", in_document), ("later_rows", later)):
+            self.sums[name][0] += float(carried[mask].double().sum())
+            self.sums[name][1] += float(alone[mask].double().sum())
+            self.sums[name][2] += int(mask.sum())
+        self.documents |= set(documents[documents[:, 0] >= 0, 0].tolist())
+        self.rows += int((documents[:, 0] >= 0).sum())
+
+    def report(self) -> dict:
+        entry: dict = {"documents": len(self.documents), "rows": self.rows}
+        for name, (carried, alone, tokens) in self.sums.items():
+            prefix = "" if name == "all" else f"{name}_"
+            entry[f"{prefix}tokens"] = tokens
+            entry[f"{prefix}loss_carried_memory"] = carried / tokens if tokens else None
+            entry[f"{prefix}loss_rows_alone"] = alone / tokens if tokens else None
+        return entry
+
+
+def validation_rows(
+    available: dict[str, tuple[int, int]],
+    token_budget: int | None,
+    documents: dict[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """Which rows of each kind to read: {kind: (rows, seq_len)} -> {kind: row indices}, ascending.
 
     Within `token_budget` row tokens, every kind keeps the same share of its rows (at least one), so the
     perplexity is of the same short/long mix as the whole split; the rows are a fixed random subset, not the
-    first ones, because packing puts the longest documents first.
+    first ones, because packing puts the longest documents first. With `documents` (each row's document id,
+    < 0 for rows of whole documents), a document longer than a row is kept or left out whole, so its rows can be
+    read in order; the share is then met to within one document.
     """
     total = sum(n * seq_len for n, seq_len in available.values())
     share = 1.0 if token_budget is None or total <= token_budget else token_budget / total
@@ -303,11 +357,47 @@ def validation_rows(available: dict[str, tuple[int, int]], token_budget: int | N
     chosen = {}
     for kind, (n, _) in available.items():
         keep = min(n, max(1, round(share * n))) if n else 0
-        chosen[kind] = np.sort(rng.permutation(n)[:keep])
+        ids = documents.get(kind) if documents is not None else None
+        if ids is None:
+            chosen[kind] = np.sort(rng.permutation(n)[:keep])
+            continue
+        starts = _unit_starts(np.asarray(ids))
+        sizes = np.diff(np.r_[starts, n])
+        order = rng.permutation(len(starts))
+        units = (
+            order[: max(1, int(np.searchsorted(np.cumsum(sizes[order]), keep, side="right")))] if n else []
+        )
+        chosen[kind] = np.sort(
+            np.concatenate([np.arange(starts[u], starts[u] + sizes[u]) for u in units] or [[]])
+        )
+        chosen[kind] = chosen[kind].astype(np.int64)
     return chosen
 
 
-def _memory_entry(cfg, seq_len: int, rows: int, sums: Counter) -> dict:
+def _unit_starts(ids: np.ndarray) -> np.ndarray:
+    """First row of each unit: a document longer than a row (its rows are stored together), or a single row."""
+    return (
+        np.flatnonzero(np.r_[True, (ids[1:] != ids[:-1]) | (ids[1:] < 0)]) if len(ids) else np.zeros(0, int)
+    )
+
+
+def stream_batches(rows: np.ndarray, ids: np.ndarray, n_streams: int) -> list[np.ndarray]:
+    """Batches of `rows` (ascending, whole documents) read as `n_streams` parallel streams: each stream takes
+    whole documents, so a document's rows come one per batch in the same batch row. Streams are longest first,
+    so when the shorter ones run out the remaining batches hold the first rows (see `CarriedMemory.state_for`)."""
+    if not len(rows):
+        return []
+    starts = _unit_starts(ids[rows])
+    sizes = np.diff(np.r_[starts, len(rows)])
+    stream_of = (starts * n_streams) // len(rows)  # balanced by rows; a unit never straddles two streams
+    streams = sorted(
+        (rows[np.flatnonzero(np.repeat(stream_of, sizes) == s)] for s in np.unique(stream_of)), key=len
+    )
+    streams = streams[::-1]
+    return [np.array([stream[j] for stream in streams if len(stream) > j]) for j in range(len(streams[0]))]
+
+
+def _memory_entry(cfg, rows: int, sums: Counter) -> dict:
     """Means over the rows (a row's figures are its batch's): write rate, read gate, live slots at the end."""
     active = bool(sums) and rows > 0
     entry: dict = {"active": active, "rows": rows}
@@ -315,11 +405,7 @@ def _memory_entry(cfg, seq_len: int, rows: int, sums: Counter) -> dict:
         entry[name] = sums[name] / rows if active else None
     if not active:
         entry["inactive_reason"] = (
-            "memory is off in this model's config"
-            if not cfg.mem_enabled
-            else f"rows of {seq_len} tokens are shorter than mem_min_seq_len={cfg.mem_min_seq_len}"
-            if seq_len < cfg.mem_min_seq_len
-            else "no rows"
+            "memory is off in this model's config" if not cfg.mem_enabled else "no rows"
         )
     return entry
 

@@ -10,6 +10,12 @@ class ConfigError(ValueError):
     """An invalid configuration; the message names every offending field."""
 
 
+# Fields older configs hold that no longer change the model; reading such a config drops them.
+# mem_min_seq_len switched memory off below a length, which made a token's output depend on the sequence's length
+# (memory now runs whenever mem_enabled; see docs/memory.md, "One function of the prefix").
+RETIRED_FIELDS = frozenset({"mem_min_seq_len"})
+
+
 @dataclass(frozen=True)
 class CognateConfig:
     # Transformer core.
@@ -47,7 +53,6 @@ class CognateConfig:
         64  # tokens per write; a token reads only slots written from strictly earlier chunks
     )
     mem_decay: float = 0.99  # per-chunk retention of a slot's strength (forgetting)
-    mem_min_seq_len: int = 1024  # shorter inputs run with memory reads and writes off
 
     # Loss weights: L = L_ref + w_act * L_act + w_read * L_read + w_write * L_write.
     w_act: float = 0.1
@@ -76,6 +81,7 @@ class CognateConfig:
     @classmethod
     def from_dict(cls, values: dict) -> CognateConfig:
         known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k not in RETIRED_FIELDS}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown CognateConfig fields: {', '.join(unknown)}")
@@ -135,11 +141,7 @@ def _register(config: CognateConfig) -> None:
 
 _BASE = CognateConfig(name="cognate-25m")
 _register(_BASE)
-_register(
-    _BASE.replace(
-        name="reasoning", t_train=8, t_infer=4, grad_steps=2, act_threshold=0.6, mem_min_seq_len=2048
-    )
-)
+_register(_BASE.replace(name="reasoning", t_train=8, t_infer=4, grad_steps=2, act_threshold=0.6))
 _register(
     _BASE.replace(
         name="memory",
@@ -149,7 +151,6 @@ _register(
         mem_topk=16,
         attn_window=512,
         max_seq_len=8192,
-        mem_min_seq_len=512,
     )
 )
 _register(
@@ -176,7 +177,6 @@ _register(
         mem_topk=4,
         mem_dim=64,
         mem_chunk_size=32,
-        mem_min_seq_len=512,
         # The threshold of an uncalibrated model. `cognate pretrain` and `cognate bench ablation` replace it with
         # the one calibrated on validation data (cognate.train.halting): how sharp q is after a short run varies.
         act_threshold=0.65,

@@ -91,6 +91,24 @@ class MemoryState:
             pending_surprise=self.pending_surprise[:, index],
         )
 
+    def reset(self, sequences: Tensor) -> MemoryState:
+        """The memory with the sequences marked in `sequences` ([B] bool) emptied and the others kept: batch rows
+        that start a new document while the others continue theirs. Needs no pending tokens (they would be
+        prepended to every row): a batch whose rows are whole chunks, as a row length divisible by the chunk size
+        gives."""
+        if self.pending_states.shape[2]:
+            raise ValueError(
+                f"cannot empty single sequences of a memory state holding {self.pending_states.shape[2]} pending "
+                "tokens: make the row length a multiple of mem_chunk_size"
+            )
+        keep = ~sequences.to(device=self.keys.device, dtype=torch.bool)
+        return replace(
+            self,
+            keys=self.keys * keep[None, :, None, None],
+            values=self.values * keep[None, :, None, None],
+            strength=self.strength * keep[None, :, None],
+        )
+
 
 @dataclass
 class MemoryBank:

@@ -93,7 +93,9 @@ class CognateModel(nn.Module):
         """input_ids, targets: [B, S] (targets already shifted, -100 = ignore). n_steps overrides t_train/t_infer."""
         cfg = self.cfg
         n_steps = n_steps or (cfg.t_train if self.training else cfg.t_infer)
-        memory_on = cfg.mem_enabled and (memory_state is not None or input_ids.size(1) >= cfg.mem_min_seq_len)
+        # Memory runs at every length, as in `decode`: a length threshold would make position i's output depend on
+        # how many tokens follow it (docs/memory.md, "One function of the prefix").
+        memory_on = cfg.mem_enabled
         refine = self._refine_train if self.training else self._refine_infer
         return refine(input_ids, targets, memory_on, memory_state, n_steps)
 

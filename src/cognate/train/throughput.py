@@ -78,13 +78,12 @@ def flops_breakdown(model: CognateModel, seq_len: int, *, training: bool = True)
 
     Every refinement step runs the blocks (2 FLOPs per matmul weight, plus attention's two matmuls over the causal
     half of the visible context); the halting head runs on steps 1..t_infer - 1, where it decides. The memory (its
-    reads in every block and the write/read projections) runs only where the sequence is long enough to turn it
-    on. Training supervises steps 1..t_infer and the last grad_steps: each costs 3x its forward with the LM head;
+    reads in every block and the write/read projections) runs whenever it is enabled, at every length. Training supervises steps 1..t_infer and the last grad_steps: each costs 3x its forward with the LM head;
     the steps in between run under no_grad and cost one forward, with the LM head only when the memory needs its
     surprise. Inference counts every step for every token: halting can only lower it.
     """
     cfg = model.cfg
-    memory_on = cfg.mem_enabled and seq_len >= cfg.mem_min_seq_len
+    memory_on = cfg.mem_enabled
     context = min(seq_len, cfg.attn_window or seq_len)
     attention = 2 * 2 * cfg.n_layers * cfg.d_model * context / 2
     blocks = 2 * sum(matmul_params(block.attn, block.ffn) for block in model.layers) + attention

@@ -19,6 +19,7 @@ from cognate.data.tokenizer import load_tokenizer
 from cognate.model.config import CognateConfig, ConfigError
 from cognate.model.model import CognateModel
 from cognate.train import checkpoint
+from cognate.train.carry import CarriedMemory, check_carry
 from cognate.train.config import TrainConfig
 from cognate.train.data import TrainingData
 from cognate.train.distributed import Distributed
@@ -123,15 +124,19 @@ def train(
     optimizer = build_optimizer(model, config)
     if config.init_optimizer_from is not None:
         _continue_optimizer_state(optimizer, Path(config.init_optimizer_from))
-    data = TrainingData(data_dir, batch_size=config.batch_size, seed=config.seed, dist=dist)
+    data = TrainingData(
+        data_dir, batch_size=config.batch_size, seed=config.seed, dist=dist, grad_accum=config.grad_accum
+    )
+    check_carry(model_config, data.seq_lens, data.multi_row)
+    carried = CarriedMemory()  # each stream's memory, from one segment of a long document to the next
     progress = Progress()
     if resume and _checkpoint_to_resume(run_dir, dist):
-        progress = _restore(run_dir / CHECKPOINT, model, optimizer, data, dist)
+        progress = _restore(run_dir / CHECKPOINT, model, optimizer, data, carried, dist)
         if dist.is_main and (run_dir / SAMPLES).exists():
             truncate_after_step(run_dir / SAMPLES, progress.step)
-    # Memory parameters sit idle on short inputs (below mem_min_seq_len), and one rank's micro-batch can be short
-    # while another's is long. With find_unused_parameters=False the two ranks then reduce different buckets: the
-    # 2-process test run aborts in gloo ("Received data size doesn't match expected size", 281404 vs 8 bytes).
+    # Some parameters can sit idle in one rank's micro-batch and not in another's (memory off, a halting head
+    # that only runs on steps < t_infer). With find_unused_parameters=False the ranks then reduce different
+    # buckets: a 2-process run aborted in gloo ("Received data size doesn't match expected size").
     ddp_model = DistributedDataParallel(model, find_unused_parameters=True) if dist.enabled else model
     forward = torch.compile(ddp_model) if config.compile else ddp_model
 
@@ -168,13 +173,14 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * multiplier
             step_start = time.perf_counter()
-            loss, act, tokens = _accumulate(forward, model, data, config.grad_accum, autocast, dist)
+            loss, act, tokens = _accumulate(forward, model, data, carried, config.grad_accum, autocast, dist)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm).item()
             finite = dist.all_true(math.isfinite(loss) and math.isfinite(grad_norm))
             if finite:
                 optimizer.step()
                 progress.consecutive_skipped = 0
             else:
+                carried.clear()  # what a non-finite step carried must not reach the next segments
                 progress.skipped_steps += 1
                 progress.consecutive_skipped += 1
             optimizer.zero_grad(set_to_none=True)
@@ -218,7 +224,7 @@ def train(
             if dist.all_true(out_of_time) and progress.stop_reason is None:
                 progress.stop_reason = "time budget reached"
             if progress.step % config.checkpoint_interval == 0 or progress.stop_reason or last:
-                saved = _save(run_dir, model, optimizer, data, progress, start_time, dist, autocast)
+                saved = _save(run_dir, model, optimizer, data, carried, progress, start_time, dist, autocast)
                 last_good_step = progress.step if saved else last_good_step
         progress.stop_reason = progress.stop_reason or (
             "token budget reached" if progress.tokens >= config.max_tokens else "step limit reached"
@@ -271,26 +277,33 @@ def _run_precision(setting: bool | str, resume_dir: Path | None, dist: Distribut
     return Precision(bf16, setting, precision.bf16_peak_flops, precision.fp32_peak_flops)
 
 
-def _accumulate(forward, model, data: TrainingData, grad_accum: int, autocast, dist: Distributed):
+def _accumulate(
+    forward, model, data: TrainingData, carried: CarriedMemory, grad_accum: int, autocast, dist: Distributed
+):
     """Forward/backward over `grad_accum` micro-batches.
 
     Each micro-batch's mean loss is weighted by its share of the step's valid tokens over all processes (times
     the world size, which DDP's gradient average divides out), so one process and W processes over the same
-    global batch compute the same gradient: the token mean over the whole step.
+    global batch compute the same gradient: the token mean over the whole step. A row that continues a document
+    starts from the memory its stream's previous row left (`carried`, detached).
     """
     model.train()
     batches = [data.next_batch() for _ in range(grad_accum)]
-    counts = torch.tensor([[int((t != -100).sum()), t.numel()] for _, t in batches], dtype=torch.float64)
+    counts = torch.tensor(
+        [[int((b.targets != -100).sum()), b.targets.numel()] for b in batches], dtype=torch.float64
+    )
     step_valid, step_tokens = _global_sum(counts.sum(0), dist).tolist()
     total_loss, act_mean, act_var = 0.0, 0.0, 0.0
-    for micro, (input_ids, targets) in enumerate(batches):
-        input_ids, targets = input_ids.to(dist.device), targets.to(dist.device)
+    for micro, batch in enumerate(batches):
+        input_ids, targets = batch.input_ids.to(dist.device), batch.targets.to(dist.device)
         weight = counts[micro, 0].item() * dist.world_size / max(step_valid, 1.0)
         sync = contextlib.nullcontext() if micro == grad_accum - 1 or not dist.enabled else forward.no_sync()
         with sync:
             with autocast():
-                out = forward(input_ids, targets=targets)
+                memory_state = carried.state_for(batch.stream, batch.documents)
+                out = forward(input_ids, targets=targets, memory_state=memory_state)
             (out.loss * weight).backward()
+        carried.update(batch.stream, out.memory_state, batch.documents)
         total_loss += out.loss.item() * weight / dist.world_size
         act_mean += float(out.act["mean_steps"]) / grad_accum
         act_var += float(out.act["var_steps"]) / grad_accum
@@ -309,14 +322,19 @@ def _global_sum(values: torch.Tensor, dist: Distributed) -> torch.Tensor:
 @torch.no_grad()
 def validate(model, data: TrainingData, n_batches: int, autocast, dist: Distributed) -> dict:
     """Token-weighted mean loss over the held-out split, with the model in inference mode (t_infer steps, ACT):
-    overall, after each refinement step (val_loss_step_t), and the mean and variance of the halting step."""
+    overall, after each refinement step (val_loss_step_t), and the mean and variance of the halting step. A long
+    document's rows are read in order, with the memory carried from one to the next."""
     model.eval()
     # Token-weighted sums: loss, tokens, halting step, its square, then the loss after each step.
     sums = torch.zeros(4 + model.cfg.t_infer, device=dist.device, dtype=torch.float64)
-    for input_ids, targets in data.validation_batches(n_batches):
-        input_ids, targets = input_ids.to(dist.device), targets.to(dist.device)
+    carried = CarriedMemory()  # long documents are read as in training: row after row, memory carried
+    for batch in data.validation_batches(n_batches):
+        input_ids, targets = batch.input_ids.to(dist.device), batch.targets.to(dist.device)
         with autocast():
-            out = model(input_ids, targets=targets)
+            out = model(
+                input_ids, targets=targets, memory_state=carried.state_for(batch.stream, batch.documents)
+            )
+        carried.update(batch.stream, out.memory_state, batch.documents)
         valid = targets != -100
         n_valid = int(valid.sum())
         if n_valid:
@@ -376,7 +394,7 @@ def _weights_are_sound(model, data: TrainingData, autocast, dist: Distributed) -
     (lr=1e30) whose weights only the next step finds broken. The RNG is restored, so resuming stays exact."""
     finite = bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
     if finite:
-        input_ids, targets = next(iter(data.validation_batches(1)))
+        input_ids, targets, *_ = next(iter(data.validation_batches(1)))
         devices = [dist.device.index or 0] if dist.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices), autocast():
             model.train()
@@ -410,6 +428,7 @@ def _save(
     model,
     optimizer,
     data: TrainingData,
+    carried: CarriedMemory,
     progress: Progress,
     start_time: float,
     dist: Distributed,
@@ -425,10 +444,12 @@ def _save(
                 flush=True,
             )
         return False
+    memory = _gather_carried(carried, dist)  # every process's streams, so any number of them can resume
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "data": data.state_dict(),
+        "carried_memory": memory,
         "rng": _rng_state(),
         "progress": {**progress.__dict__, "elapsed_s": progress.elapsed_s + time.perf_counter() - start_time},
     }
@@ -450,11 +471,29 @@ def _continue_optimizer_state(optimizer, path: Path) -> None:
     optimizer.load_state_dict({**saved, "param_groups": ours["param_groups"]})
 
 
-def _restore(path: Path, model, optimizer, data: TrainingData, dist: Distributed) -> Progress:
+def _gather_carried(carried: CarriedMemory, dist: Distributed) -> dict:
+    """The carried memory of every process's streams (lanes are disjoint across processes), on every process."""
+    mine = carried.state_dict()
+    if not dist.enabled:
+        return mine
+    everyone = [None] * dist.world_size
+    torch.distributed.all_gather_object(everyone, mine)
+    return {key: entry for part in everyone for key, entry in part.items()}
+
+
+def _restore(
+    path: Path, model, optimizer, data: TrainingData, carried: CarriedMemory, dist: Distributed
+) -> Progress:
     state = checkpoint.load(path)  # on the CPU: RNG states must stay there; load_state_dict moves the rest
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     data.load_state_dict(state["data"])
+    # A checkpoint from before carried memory has none: its streams start empty.
+    carried.load_state_dict(
+        state.get("carried_memory", {}),
+        dist.device,
+        keep=lambda stream: stream[1] % dist.world_size == dist.rank,
+    )
     _set_rng_state(state["rng"])
     progress = Progress(**state["progress"])
     if progress.stop_reason == "time budget reached":  # a new invocation brings a new time budget

@@ -7,7 +7,7 @@ native model's own. config.json uses the standard names (hidden_size, num_hidden
 max_position_embeddings, ...); weight names are `model.` + the native names (`model.layers.{i}.…`).
 
 Two forwards, as in the native model:
-    model(ids)                          the native evaluation forward (memory on from mem_min_seq_len tokens)
+    model(ids)                          the native evaluation forward (memory on at every length)
     model(ids, use_cache=True) / with a `CognateCache`, and so `generate()`:
                                         the native incremental `decode`: one KV cache per refinement step and
                                         layer, the memory carried, per-token halting, memory read at any length
@@ -282,7 +282,7 @@ class CognateForCausalLM(PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(logits=logits)
 
     def _memory(self, batch: int, input_ids: torch.Tensor, at_any_length: bool):
-        """An empty memory state turns memory on below mem_min_seq_len, as native generation does."""
+        """An empty memory state: the same output as none (memory runs at every length), kept for the cache."""
         cfg = self.model.cfg
         if not (at_any_length and cfg.mem_enabled):
             return None
