@@ -1,11 +1,13 @@
 """`cognate bench ablation`: the arms are what they say, the families are labelled right, one JSON line."""
 
+import contextlib
 import json
 
 import numpy as np
 import pytest
+from model_testing import random_tokens, small_model
 
-from cognate.bench.ablation import ARMS, arm_overrides, validation_rows
+from cognate.bench.ablation import ARMS, ValidationRows, arm_overrides, score, validation_rows
 from cognate.cli import main
 from cognate.data.tokenizer import load_tokenizer
 from cognate.eval.tasks import solution_targets
@@ -92,3 +94,19 @@ def test_the_math_answer_is_what_follows_solution(builtin_data):
 def test_a_set_that_is_not_a_model_setting_is_one_error_line(capsys, tmp_path):
     assert main(["bench", "ablation", "--out", str(tmp_path), "--set", "lr=3e-4"]) == 2
     assert capsys.readouterr().err.strip() == "error: --set lr: not a model setting"
+
+
+@pytest.mark.parametrize("memory", [True, False])
+def test_a_long_document_is_scored_with_the_memory_its_earlier_rows_left(memory):
+    """Two long rows of one document: the second is read with the first one's memory, so its loss differs from
+    reading it alone exactly when the model has a memory."""
+    model = small_model(mem_enabled=memory, mem_chunk_size=8)
+    ids = random_tokens(2, 64)
+    labels = np.full(ids.shape, "qa", dtype=object)
+
+    def qa_loss(documents) -> float:
+        rows = ValidationRows("long", ids, ids, labels, np.zeros(ids.shape, dtype=bool), np.array(documents))
+        return score(model, [rows], batch_size=4, autocast=contextlib.nullcontext)["val_loss_qa"]
+
+    one_document, two_documents = qa_loss([[0, 0], [0, 1]]), qa_loss([[-1, 0], [-1, 0]])
+    assert (one_document != two_documents) == memory

@@ -45,6 +45,7 @@ from cognate.model.config import CognateConfig, ConfigError
 from cognate.model.head import IGNORE_INDEX
 from cognate.model.model import CognateModel
 from cognate.train import checkpoint
+from cognate.train.carry import continues_document
 from cognate.train.config import parse_overrides
 from cognate.train.data import TrainingData
 from cognate.train.distributed import Distributed
@@ -162,6 +163,7 @@ class ValidationRows:
     targets: torch.Tensor  # [N, S]
     family: np.ndarray  # [N, S] of str: math, code, qa or "" (another layout)
     answer: np.ndarray  # [N, S] bool
+    documents: np.ndarray  # [N, 2]: each row's (document, index in it); document < 0 for whole documents only
 
 
 def validation_rows(data_dir: Path, n_short: int, n_long: int) -> list[ValidationRows]:
@@ -181,7 +183,7 @@ def validation_rows(data_dir: Path, n_short: int, n_long: int) -> list[Validatio
         else:
             for row in range(count):
                 _label_row(input_ids[row].tolist(), eos, tokenizer, family[row], answer[row])
-        out.append(ValidationRows(kind, input_ids, targets, family, answer))
+        out.append(ValidationRows(kind, input_ids, targets, family, answer, data.documents[:count]))
     return out
 
 
@@ -204,19 +206,28 @@ def _label_row(ids: list[int], eos: int, tokenizer, family: np.ndarray, answer: 
 
 @torch.no_grad()
 def score(model: CognateModel, rows: list[ValidationRows], batch_size: int, autocast) -> dict:
-    """Loss overall, per family and on math answers; ACT statistics; scoring throughput."""
+    """Loss overall, per family and on math answers; ACT statistics; scoring throughput.
+
+    Long rows are read one at a time, in order; a row that continues the previous row's document gets the memory
+    that row left (a document longer than a row is read as consecutive segments, as in training)."""
     model.eval()
     sums = {name: [0.0, 0] for name in ("all", *FAMILIES, "math_answer")}
     steps, seconds, tokens = [], 0.0, 0
     for part in rows:
         size = batch_size if part.kind == "short" else 1
+        carried, previous = None, None
         for start in range(0, len(part.input_ids), size):
             batch = slice(start, start + size)
             input_ids, targets = part.input_ids[batch], part.targets[batch]
+            documents = part.documents[batch]
+            continues = (
+                size == 1 and previous is not None and bool(continues_document(previous, documents).all())
+            )
             begin = time.perf_counter()
             with autocast():
-                out = model(input_ids)
+                out = model(input_ids, memory_state=carried if continues else None)
             seconds += time.perf_counter() - begin
+            carried, previous = out.memory_state, documents
             tokens += input_ids.numel()
             losses = F.cross_entropy(
                 out.logits.float().flatten(0, 1),
