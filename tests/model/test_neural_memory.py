@@ -10,7 +10,7 @@ from model_testing import random_tokens, small_config, small_model
 from cognate.model.config import SPECIALIZATIONS, ConfigError, specialize
 from cognate.model.generate import DecodeState
 from cognate.model.model import CognateModel
-from cognate.model.neural_memory import NeuralMemory, _associative_gradient
+from cognate.model.neural_memory import NeuralMemory, _associative_gradient, _normalised_gradient
 
 CHUNK = 4
 D_MODEL = 32
@@ -105,24 +105,35 @@ def test_state_select_and_detach_keep_the_chosen_sequences():
         memory.build(1, random_states(3, 4, seed=2), None, chosen)
 
 
-def test_a_write_is_a_gradient_step_on_the_associative_loss():
-    """The closed-form gradient equals autograd's, and stepping along it lowers the chunk's associative loss."""
+def _chunk(scale: float):
+    """One chunk of two sequences: 5 similar keys, values, step sizes and memory weights times `scale`."""
     torch.manual_seed(0)
-    keys = torch.nn.functional.normalize(torch.randn(2, 5, 6), dim=-1)
-    values, step_size = torch.randn(2, 5, 6), torch.rand(2, 5) / 8
-    weight1 = torch.randn(2, 6, 8, requires_grad=True)
-    weight2 = (torch.randn(2, 8, 6) / 8**0.5).requires_grad_()
+    keys = torch.nn.functional.normalize(torch.randn(2, 1, 6) + 0.3 * torch.randn(2, 5, 6), dim=-1)
+    values, step_size = torch.randn(2, 5, 6), 0.5 + torch.rand(2, 5) / 2
+    weight1 = (scale * torch.randn(2, 6, 8)).requires_grad_()
+    weight2 = (scale * torch.randn(2, 8, 6) / 8**0.5).requires_grad_()
+    return keys, values, step_size, weight1, weight2
 
-    def loss(w1, w2):
-        error = torch.nn.functional.silu(keys @ w1) @ w2 - values
-        return (step_size[..., None] * error.square()).sum()
 
-    grad1, grad2, before = _associative_gradient(keys, values, step_size, weight1, weight2)
-    expected1, expected2 = torch.autograd.grad(loss(weight1, weight2), (weight1, weight2))
-    torch.testing.assert_close(grad1, expected1)
-    torch.testing.assert_close(grad2, expected2)
-    _, _, after = _associative_gradient(keys, values, step_size, weight1 - grad1, weight2 - grad2)
+def test_a_write_is_a_gradient_step_on_the_associative_loss():
+    keys, values, step_size, weight1, weight2 = _chunk(scale=1.0)
+    error = torch.nn.functional.silu(keys @ weight1) @ weight2 - values
+    expected = torch.autograd.grad((step_size[..., None] * error.square()).sum(), (weight1, weight2))
+    grad1, grad2, _, _ = _associative_gradient(keys, values, step_size, weight1, weight2)
+    torch.testing.assert_close(grad1, expected[0])
+    torch.testing.assert_close(grad2, expected[1])
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_the_normalised_write_lowers_the_associative_loss_where_a_plain_step_overshoots(scale):
+    chunk = _chunk(scale)
+    keys, values, step_size, weight1, weight2 = chunk
+    grad1, grad2, before = _normalised_gradient(*chunk)
+    _, _, after = _normalised_gradient(keys, values, step_size, weight1 - grad1, weight2 - grad2)
     assert (after < before).all()
+    plain1, plain2, _, _ = _associative_gradient(*chunk)
+    *_, overshot = _associative_gradient(keys, values, step_size, weight1 - plain1, weight2 - plain2)
+    assert (overshot > before).all()  # the unnormalised step with the same θ makes it worse
 
 
 def test_the_lm_loss_trains_every_memory_parameter_through_the_writes():

@@ -8,16 +8,18 @@ Memory. M_W(k) = W2ᵀ silu(W1ᵀ k), an MLP of width `mem_neural_hidden` on `me
 W = (W1, W2) are the memory's content. Each sequence starts from learned initial weights W_0.
 
 Write. The states are cut into chunks of `mem_chunk_size` tokens at absolute positions. From each token's normalised
-state x_i (n_i = RMSNorm(h_{t-1, i})):
-    k_i = normalize(W_K n_i),  v_i = W_V n_i,  θ_i = θ_max · sigmoid(w_θ · n_i + b_θ)      per token
+state n_i = RMSNorm(h_{t-1, i}):
+    k_i = normalize(W_K n_i),  v_i = W_V n_i,  θ_i = sigmoid(w_θ · n_i + b_θ)              per token
     η_c = sigmoid(w_η · n̄_c + b_η),  α_c = sigmoid(w_α · n̄_c + b_α)                        per chunk (n̄_c: its mean)
 Chunk c is written by one gradient step on the associative loss, taken at the weights W_c from the chunk's start
 for all of its tokens at once (the paper's mini-batch formulation; the gradient is written in closed form):
     ℓ_c(W) = Σ_{i ∈ c} θ_i ‖M_W(k_i) − v_i‖²                  (θ_i weighs each token's write: the paper's θ_t)
-    S_c     = η_c S_{c−1} − ∇_W ℓ_c(W_c)                        momentum: the "surprise", past plus momentary
+    S_c     = η_c S_{c−1} − ∇_W ℓ_c(W_c) / (2 N_c)              momentum: the "surprise", past plus momentary
     W_{c+1} = (1 − α_c) W_c + S_c                               decay α: forgetting
-with S_0 = 0. θ_max = 2 / `mem_neural_hidden`: with unit keys and unit-variance pre-activations, a step of about
-1.4 / hidden rewrites a token's association through W2 completely (the scale, not a limit the model is held to).
+with S_0 = 0. N_c = max(max_i E_i, Σ_i θ_i E_i) (detached) normalises the step as NLMS does: E_i bounds how far a
+unit step on token i alone moves its own output (see `_associative_gradient`), so θ_i = 1 on one token writes its
+association about fully, and a chunk of similar tokens is never written past its target. A fixed step diverged in
+training (the recall benchmark went to NaN within 50 steps) once the learned weights grew.
 
 Read. A token of chunk c reads y_i = M_{W_c}(q_i), q_i = normalize(W_Q n_i): the memory written from the chunks
 before its own only (chunk 0 reads W_0, which depends on no token). Every block mixes it into its residual stream
@@ -51,9 +53,7 @@ from torch import Tensor, nn
 
 from cognate.model.config import CognateConfig
 
-# θ_max = STEP_SIZE_SCALE / mem_neural_hidden (see the module docstring).
-STEP_SIZE_SCALE = 2.0
-# Initial biases: θ ≈ 0.5 θ_max, η ≈ 0.12, α ≈ 0.018 (write, keep a little momentum, forget slowly).
+# Initial biases: θ ≈ 0.5, η ≈ 0.12, α ≈ 0.018 (write, keep a little momentum, forget slowly).
 INITIAL_STEP_SIZE_BIAS = 0.0
 INITIAL_MOMENTUM_BIAS = -2.0
 INITIAL_DECAY_BIAS = -4.0
@@ -176,7 +176,6 @@ class NeuralMemory(nn.Module):
             values = self.value(normed[:, :complete])
             queries = F.normalize(self.query(normed), dim=-1)
             step_size = torch.sigmoid(self.step_size(normed[:, :complete]).squeeze(-1))
-            step_size = step_size * (STEP_SIZE_SCALE / c.mem_neural_hidden)
             chunk_means = normed[:, :complete].view(batch, n_new, size, normed.shape[-1]).mean(dim=2)
             momentum = torch.sigmoid(self.momentum(chunk_means).squeeze(-1))  # [B, n_new]
             decay = torch.sigmoid(self.decay(chunk_means).squeeze(-1))
@@ -190,7 +189,7 @@ class NeuralMemory(nn.Module):
                 reads.append(_mlp(queries[:, span], weight1, weight2))
                 if chunk == n_new:
                     break  # the incomplete chunk: read, but written only once complete
-                grad1, grad2, loss = _associative_gradient(
+                grad1, grad2, loss = _normalised_gradient(
                     keys[:, span], values[:, span], step_size[:, span], weight1, weight2
                 )
                 associative_losses.append(loss)
@@ -234,7 +233,7 @@ class NeuralMemory(nn.Module):
         )
 
     def stats(self, banks: list[NeuralMemoryBank]) -> dict[str, Tensor]:
-        """Mean MAG read gate; mean θ / θ_max, η and α of the writes; mean associative loss before each write."""
+        """Mean MAG read gate; mean θ, η and α of the writes; mean associative loss before each write."""
         gates = [g for bank in banks for g in bank.gate_means]
         zero = torch.zeros((), device=self.weight1.device)
 
@@ -242,10 +241,9 @@ class NeuralMemory(nn.Module):
             values = torch.cat([getattr(bank, name).detach().flatten() for bank in banks])
             return values.mean() if values.numel() else zero
 
-        theta_max = STEP_SIZE_SCALE / self.cfg.mem_neural_hidden
         return {
             "read_gate": torch.stack(gates).float().mean() if gates else zero,
-            "step_size": mean("step_size") / theta_max,
+            "step_size": mean("step_size"),
             "momentum": mean("momentum"),
             "decay": mean("decay"),
             "associative_loss": mean("associative_loss"),
@@ -282,13 +280,25 @@ def _mlp(inputs: Tensor, weight1: Tensor, weight2: Tensor) -> Tensor:
     return F.silu(inputs @ weight1) @ weight2
 
 
-def _associative_gradient(
+def _normalised_gradient(
     keys: Tensor, values: Tensor, step_size: Tensor, weight1: Tensor, weight2: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """∇_W Σ_i θ_i ‖M_W(k_i) − v_i‖² for one chunk of every sequence, in closed form; and the mean ‖M_W(k_i) − v_i‖².
+    """∇_W ℓ_c / (2 N_c) for one chunk of every sequence, and its mean ‖M_W(k_i) − v_i‖² (see the module docstring):
+    no token, and no chunk of similar tokens as a whole, is written past its target."""
+    grad1, grad2, curvature, loss = _associative_gradient(keys, values, step_size, weight1, weight2)
+    scale = 0.5 / torch.maximum(curvature.amax(-1), (step_size * curvature).sum(-1))[:, None, None]
+    return scale * grad1, scale * grad2, loss
+
+
+def _associative_gradient(
+    keys: Tensor, values: Tensor, step_size: Tensor, weight1: Tensor, weight2: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For one chunk of every sequence: ∇_W Σ_i θ_i ‖M_W(k_i) − v_i‖² in closed form, each token's curvature bound
+    E_i (detached) and the mean ‖M_W(k_i) − v_i‖².
 
     With z = k W1, a = silu(z), e = a W2 − v and g = 2 θ e:  ∇W2 = aᵀ g,  ∇W1 = kᵀ ((g W2ᵀ) ⊙ silu'(z)),
-    silu'(z) = σ(z) (1 + z (1 − σ(z))).
+    silu'(z) = σ(z) (1 + z (1 − σ(z))). A step −ε ∇ on token i alone moves its output by −2 ε θ_i J_i J_iᵀ e_i, with
+    J_i J_iᵀ = ‖a_i‖² I + ‖k_i‖² W2ᵀ diag(silu'(z_i)²) W2 ⪯ E_i I, E_i = ‖a_i‖² + ‖k_i‖² Σ_h silu'(z_ih)² ‖W2_h‖².
     """
     pre = keys @ weight1
     gate = torch.sigmoid(pre)
@@ -296,6 +306,11 @@ def _associative_gradient(
     error = hidden @ weight2 - values
     grad_out = 2.0 * step_size[..., None] * error
     grad2 = hidden.transpose(1, 2) @ grad_out
-    grad_pre = (grad_out @ weight2.transpose(1, 2)) * gate * (1 + pre * (1 - gate))
-    grad1 = keys.transpose(1, 2) @ grad_pre
-    return grad1, grad2, error.detach().square().sum(-1).mean(-1)
+    slope = gate * (1 + pre * (1 - gate))
+    grad1 = keys.transpose(1, 2) @ ((grad_out @ weight2.transpose(1, 2)) * slope)
+    with torch.no_grad():
+        row_energy = weight2.square().sum(-1)  # [B, H]
+        curvature = hidden.square().sum(-1) + keys.square().sum(-1) * (slope.square() @ row_energy[..., None])[
+            ..., 0
+        ]
+    return grad1, grad2, curvature, error.detach().square().sum(-1).mean(-1)
