@@ -10,7 +10,7 @@ from model_testing import random_tokens, small_config, small_model
 from cognate.model.config import SPECIALIZATIONS, ConfigError, specialize
 from cognate.model.generate import DecodeState
 from cognate.model.model import CognateModel
-from cognate.model.neural_memory import NeuralMemory, _associative_gradient, _normalised_gradient
+from cognate.model.neural_memory import CONV_WIDTH, NeuralMemory, _associative_gradient, _normalised_gradient
 
 CHUNK = 4
 D_MODEL = 32
@@ -33,10 +33,16 @@ def empty(model: CognateModel, batch: int):
 
 
 @settings(max_examples=10, deadline=None)
-@given(length=st.integers(9, 30), chunk=st.integers(0, 7), keep=st.integers(0, CHUNK - 1), seed=st.integers(0, 10))
+@given(
+    length=st.integers(9, 30),
+    chunk=st.integers(0, 7),
+    keep=st.integers(0, CHUNK - 1),
+    seed=st.integers(0, 10),
+)
 def test_a_token_reads_only_what_chunks_before_its_own_wrote(length, chunk, keep, seed):
-    """Rewriting every other token of a chunk leaves the reads of that chunk's kept token and of earlier chunks
-    exactly as they were (they read weights written before the chunk), and changes the next chunk's reads."""
+    """Rewriting the other tokens of a chunk leaves the reads of earlier chunks and of the kept token exactly as
+    they were (it reads weights written before its chunk, with a query from itself and the CONV_WIDTH - 1 tokens
+    before it, kept too), and changes the next chunk's reads."""
     chunk = min(chunk, (length - 1) // CHUNK)
     start, end = chunk * CHUNK, min(length, (chunk + 1) * CHUNK)
     keep = min(start + keep, end - 1)
@@ -44,14 +50,15 @@ def test_a_token_reads_only_what_chunks_before_its_own_wrote(length, chunk, keep
     states = random_states(1, length, seed)
     changed = states.clone()
     changed[:, start:end] = random_states(1, end - start, seed + 1)
-    changed[:, keep] = states[:, keep]
+    query_window = slice(max(0, keep - CONV_WIDTH + 1), keep + 1)
+    changed[:, query_window] = states[:, query_window]
     with torch.no_grad():
         read, read_changed = (memory.build(1, s, None, None).read for s in (states, changed))
     same = torch.zeros(length, dtype=torch.bool)
     same[:start] = True
     same[keep] = True
     torch.testing.assert_close(read_changed[:, same], read[:, same], rtol=0, atol=0)
-    if end < length and end - start == CHUNK:  # the next chunk reads the changed write
+    if end < length and not torch.equal(changed[:, start:end], states[:, start:end]):
         assert (read_changed[:, end:] - read[:, end:]).abs().max() > 1e-4
 
 
@@ -73,7 +80,9 @@ def test_sequences_in_a_batch_never_share_memory():
         together = memory.build(1, states, None, None)
         alone = [memory.build(1, states[i : i + 1], None, None) for i in range(3)]
     torch.testing.assert_close(together.read, torch.cat([bank.read for bank in alone]), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(together.offset2, torch.cat([bank.offset2 for bank in alone]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        together.offset2, torch.cat([bank.offset2 for bank in alone]), rtol=1e-5, atol=1e-6
+    )
 
 
 @settings(max_examples=10, deadline=None)
@@ -88,7 +97,7 @@ def test_carrying_the_state_between_calls_reads_like_one_call(split, seed):
     torch.testing.assert_close(torch.cat([first.read, second.read], dim=1), whole.read, rtol=1e-4, atol=1e-5)
     carried, expected = memory.next_state([second]), memory.next_state([whole])
     assert carried.next_chunk == expected.next_chunk == 27 // CHUNK
-    for name in ("offset1", "offset2", "momentum1", "momentum2", "pending_states"):
+    for name in ("offset1", "offset2", "momentum1", "momentum2", "pending_states", "context_states"):
         torch.testing.assert_close(getattr(carried, name), getattr(expected, name), rtol=1e-4, atol=1e-5)
 
 

@@ -9,7 +9,7 @@ W = (W1, W2) are the memory's content. Each sequence starts from learned initial
 
 Write. The states are cut into chunks of `mem_chunk_size` tokens at absolute positions. From each token's normalised
 state n_i = RMSNorm(h_{t-1, i}):
-    k_i = normalize(W_K n_i),  v_i = W_V n_i,  θ_i = sigmoid(w_θ · n_i + b_θ)              per token
+    k_i = normalize(conv_K(W_K n)_i),  v_i = conv_V(W_V n)_i,  θ_i = sigmoid(w_θ · n_i + b_θ)   per token
     η_c = sigmoid(w_η · n̄_c + b_η),  α_c = sigmoid(w_α · n̄_c + b_α)                        per chunk (n̄_c: its mean)
 Chunk c is written by one gradient step on the associative loss, taken at the weights W_c from the chunk's start
 for all of its tokens at once (the paper's mini-batch formulation; the gradient is written in closed form):
@@ -21,7 +21,11 @@ unit step on token i alone moves its own output (see `_associative_gradient`), s
 association about fully, and a chunk of similar tokens is never written past its target. A fixed step diverged in
 training (the recall benchmark went to NaN within 50 steps) once the learned weights grew.
 
-Read. A token of chunk c reads y_i = M_{W_c}(q_i), q_i = normalize(W_Q n_i): the memory written from the chunks
+conv_* is a causal depthwise convolution over the last `CONV_WIDTH` tokens, as Titans puts after its q/k/v
+projections: it lets a key hold the token before (a fact's key) and its value the token itself, from the first
+refinement step on, where a per-token projection of h_0 (the embeddings) could only associate a token with itself.
+
+Read. A token of chunk c reads y_i = M_{W_c}(q_i), q_i = normalize(conv_Q(W_Q n)_i): the memory written from the chunks
 before its own only (chunk 0 reads W_0, which depends on no token). Every block mixes it into its residual stream
 through its own projection and a learned gate (memory-as-gate, MAG), between self-attention and the FFN:
     x ← x + sigmoid(W_g RMSNorm(x) + b_g) ⊙ W_o y.
@@ -37,9 +41,9 @@ batched. Per token: one MLP read and its share of one MLP gradient, O(mem_dim ·
 run in fp32 (autocast off), so generation token by token reproduces a one-call forward.
 
 Carrying memory between calls: `NeuralMemoryState` keeps, per refinement step, the weights (as offsets from W_0, so
-that an empty state is zeros and W_0 keeps its gradient) and the momentum after the last complete chunk, and the
+that an empty state is zeros and W_0 keeps its gradient) and the momentum after the last complete chunk, the
 states of the trailing incomplete chunk, which the next call's `build` prepends so chunks stay at absolute
-positions.
+positions, and the `CONV_WIDTH - 1` states before those, which the convolutions see (zeros at the start).
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ from torch import Tensor, nn
 
 from cognate.model.config import CognateConfig
 
+# Tokens each q/k/v convolution sees: the token and the three before it.
+CONV_WIDTH = 4
 # Initial biases: θ ≈ 0.5, η ≈ 0.12, α ≈ 0.018 (write, keep a little momentum, forget slowly).
 INITIAL_STEP_SIZE_BIAS = 0.0
 INITIAL_MOMENTUM_BIAS = -2.0
@@ -69,6 +75,7 @@ class NeuralMemoryState:
     momentum2: Tensor  # [T, B, hidden, mem_dim]: S for W2
     next_chunk: int  # absolute index of the next chunk to be written
     pending_states: Tensor  # [T, B, r, d_model]: h_{t-1} of the r < chunk_size tokens of the incomplete chunk
+    context_states: Tensor  # [T, B, CONV_WIDTH - 1, d_model]: h_{t-1} of the tokens before the pending ones
 
     @property
     def n_steps(self) -> int:
@@ -87,7 +94,7 @@ class NeuralMemoryState:
         return replace(self, **{name: getattr(self, name)[:, index] for name in _STATE_TENSORS})
 
 
-_STATE_TENSORS = ("offset1", "offset2", "momentum1", "momentum2", "pending_states")
+_STATE_TENSORS = ("offset1", "offset2", "momentum1", "momentum2", "pending_states", "context_states")
 
 
 @dataclass
@@ -101,6 +108,7 @@ class NeuralMemoryBank:
     momentum2: Tensor
     next_chunk: int
     pending_states: Tensor  # [B, r, d_model]
+    context_states: Tensor  # [B, CONV_WIDTH - 1, d_model]
     step_size: Tensor  # [B, n_new_tokens] θ of the written tokens (for the stats)
     momentum: Tensor  # [B, n_new] η of the written chunks
     decay: Tensor  # [B, n_new] α of the written chunks
@@ -118,12 +126,16 @@ class NeuralMemory(nn.Module):
         self.key = nn.Linear(cfg.d_model, cfg.mem_dim, bias=False)
         self.value = nn.Linear(cfg.d_model, cfg.mem_dim, bias=False)
         self.query = nn.Linear(cfg.d_model, cfg.mem_dim, bias=False)
+        # Depthwise taps of the q, k, v convolutions [3 · mem_dim, CONV_WIDTH]; they start as the identity.
+        self.conv = nn.Parameter(F.pad(torch.ones(3 * cfg.mem_dim, 1), (CONV_WIDTH - 1, 0)))
         self.step_size = nn.Linear(cfg.d_model, 1)
         self.momentum = nn.Linear(cfg.d_model, 1)
         self.decay = nn.Linear(cfg.d_model, 1)
         # Unit-variance pre-activations for unit keys; outputs of the order of one.
         self.weight1 = nn.Parameter(torch.randn(cfg.mem_dim, cfg.mem_neural_hidden))
-        self.weight2 = nn.Parameter(torch.randn(cfg.mem_neural_hidden, cfg.mem_dim) / cfg.mem_neural_hidden**0.5)
+        self.weight2 = nn.Parameter(
+            torch.randn(cfg.mem_neural_hidden, cfg.mem_dim) / cfg.mem_neural_hidden**0.5
+        )
         for linear in (self.key, self.value, self.query, self.step_size, self.momentum, self.decay):
             nn.init.normal_(linear.weight, std=0.02)
         for linear, bias in (
@@ -145,6 +157,9 @@ class NeuralMemory(nn.Module):
             momentum2=torch.zeros(shape2, device=device),
             next_chunk=0,
             pending_states=torch.zeros(n_steps, batch_size, 0, c.d_model, device=device, dtype=dtype),
+            context_states=torch.zeros(
+                n_steps, batch_size, CONV_WIDTH - 1, c.d_model, device=device, dtype=dtype
+            ),
         )
 
     def build(
@@ -160,7 +175,9 @@ class NeuralMemory(nn.Module):
         if prior is None:
             prior = self.empty_state(step, batch, states.device, states.dtype)
         if not 1 <= step <= prior.n_steps:
-            raise ValueError(f"memory state holds {prior.n_steps} refinement steps; step {step} was asked for")
+            raise ValueError(
+                f"memory state holds {prior.n_steps} refinement steps; step {step} was asked for"
+            )
         if prior.batch_size != batch:
             raise ValueError(f"memory state holds {prior.batch_size} sequences but the batch has {batch}")
         size = c.mem_chunk_size
@@ -171,10 +188,14 @@ class NeuralMemory(nn.Module):
         n_chunks = math.ceil(all_states.shape[1] / size)
 
         with torch.autocast(states.device.type, enabled=False):
-            normed = self.norm(all_states.float())
-            keys = F.normalize(self.key(normed[:, :complete]), dim=-1)
-            values = self.value(normed[:, :complete])
-            queries = F.normalize(self.query(normed), dim=-1)
+            context = prior.context_states[step - 1].float()
+            normed = self.norm(torch.cat([context, all_states.float()], dim=1))
+            projected = torch.cat([self.query(normed), self.key(normed), self.value(normed)], dim=-1)
+            convolved = (projected.unfold(1, CONV_WIDTH, 1) * self.conv).sum(-1)  # [B, len(all_states), 3m]
+            queries, keys, values = convolved.split(c.mem_dim, dim=-1)
+            queries = F.normalize(queries, dim=-1)
+            keys, values = F.normalize(keys[:, :complete], dim=-1), values[:, :complete]
+            normed = normed[:, CONV_WIDTH - 1 :]
             step_size = torch.sigmoid(self.step_size(normed[:, :complete]).squeeze(-1))
             chunk_means = normed[:, :complete].view(batch, n_new, size, normed.shape[-1]).mean(dim=2)
             momentum = torch.sigmoid(self.momentum(chunk_means).squeeze(-1))  # [B, n_new]
@@ -208,6 +229,9 @@ class NeuralMemory(nn.Module):
             momentum2=momentum2,
             next_chunk=prior.next_chunk + n_new,
             pending_states=all_states[:, complete:],
+            context_states=torch.cat([prior.context_states[step - 1].to(states.dtype), all_states], dim=1)[
+                :, complete : complete + CONV_WIDTH - 1
+            ],
             step_size=step_size,
             momentum=momentum,
             decay=decay,
@@ -230,6 +254,7 @@ class NeuralMemory(nn.Module):
             momentum2=torch.stack([bank.momentum2 for bank in banks]),
             next_chunk=banks[-1].next_chunk,
             pending_states=torch.stack([bank.pending_states for bank in banks]),
+            context_states=torch.stack([bank.context_states for bank in banks]),
         )
 
     def stats(self, banks: list[NeuralMemoryBank]) -> dict[str, Tensor]:
@@ -310,7 +335,7 @@ def _associative_gradient(
     grad1 = keys.transpose(1, 2) @ ((grad_out @ weight2.transpose(1, 2)) * slope)
     with torch.no_grad():
         row_energy = weight2.square().sum(-1)  # [B, H]
-        curvature = hidden.square().sum(-1) + keys.square().sum(-1) * (slope.square() @ row_energy[..., None])[
-            ..., 0
-        ]
+        curvature = (
+            hidden.square().sum(-1) + keys.square().sum(-1) * (slope.square() @ row_energy[..., None])[..., 0]
+        )
     return grad1, grad2, curvature, error.detach().square().sum(-1).mean(-1)
