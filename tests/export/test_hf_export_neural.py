@@ -25,6 +25,9 @@ def exported(tmp_path_factory):
         for name, parameter in model.named_parameters():
             if name.startswith("layers.") and parameter.dim() == 2:
                 parameter.mul_(20.0)
+        model.memory.conv.normal_(
+            std=0.5
+        )  # convolutions that see earlier tokens: the carried context matters
     folder = tmp_path_factory.mktemp("neural") / "model"
     save_model_dir(model, folder)
     hf_model = AutoModelForCausalLM.from_pretrained(folder / "hf_format", trust_remote_code=True).eval()
