@@ -45,8 +45,9 @@ def test_a_long_document_in_segments_with_carried_memory_gives_the_loss_of_one_l
     assert abs(segmented(carry=False)[0] - loss) > 1e-3
 
 
-def test_a_row_that_starts_a_new_document_starts_from_empty_memory_while_the_other_continues():
-    model = small_model(seed=2).eval()
+@pytest.mark.parametrize("mem_kind", ["slots", "neural"])
+def test_a_row_that_starts_a_new_document_starts_from_empty_memory_while_the_other_continues(mem_kind):
+    model = small_model(seed=2, mem_kind=mem_kind).eval()
     first, second = random_tokens(2, SEGMENT, seed=5), random_tokens(2, SEGMENT, seed=6)
     carried = CarriedMemory()
     out = model(first)
@@ -62,3 +63,20 @@ def test_a_row_that_starts_a_new_document_starts_from_empty_memory_while_the_oth
     # A stream whose rows all start anew, or hold whole documents only, carries nothing.
     assert carried.state_for(("long", 1), np.array([[3, 0], [-1, 0]])) is None
     assert carried.state_for(("long", 0), now) is None  # another stream
+
+
+@pytest.mark.parametrize("mem_kind", ["slots", "neural"])
+def test_carried_memory_survives_a_checkpoint_round_trip(mem_kind, tmp_path):
+    model = small_model(seed=2, mem_kind=mem_kind).eval()
+    carried = CarriedMemory()
+    documents = np.array([[7, 0], [8, 0]])
+    carried.update(("long", 1), model(random_tokens(2, SEGMENT, seed=5)).memory_state, documents)
+    torch.save(carried.state_dict(), tmp_path / "carried.pt")
+    restored = CarriedMemory()
+    restored.load_state_dict(torch.load(tmp_path / "carried.pt", weights_only=True), "cpu")
+    now = np.array([[7, 1], [8, 1]])
+    second = random_tokens(2, SEGMENT, seed=6)
+    expected = model(second, memory_state=carried.state_for(("long", 1), now)).logits
+    torch.testing.assert_close(
+        model(second, memory_state=restored.state_for(("long", 1), now)).logits, expected
+    )

@@ -43,6 +43,7 @@ class RecallSettings:
     mem_capacity: int = 32
     mem_topk: int = 4
     mem_dim: int = 32
+    mem_kind: str = "slots"
     w_read: float = 0.05
     w_write: float = 0.05
     batch_size: int = 8
@@ -55,7 +56,7 @@ class RecallSettings:
         problems = [
             f"{name}={getattr(self, name)} must be positive"
             for name, value in asdict(self).items()
-            if name not in ("seed", "w_read", "w_write") and value <= 0
+            if name not in ("seed", "w_read", "w_write", "mem_kind") and value <= 0
         ]
         if self.n_pairs > self.n_keys:
             problems.append(
@@ -107,6 +108,7 @@ def model_config(settings: RecallSettings, memory: bool) -> CognateConfig:
         mem_capacity=s.mem_capacity,
         mem_topk=s.mem_topk,
         mem_dim=s.mem_dim,
+        mem_kind=s.mem_kind,
         mem_chunk_size=s.chunk_size,
     )
 

@@ -46,6 +46,9 @@ class CognateConfig:
 
     # Titans-style long-term memory.
     mem_enabled: bool = True
+    # "slots": chunk summaries read by cross-attention (cognate.model.memory); "neural": a small MLP written at test
+    # time by gradient steps (cognate.model.neural_memory). Each kind builds only its own tensors.
+    mem_kind: str = "slots"
     mem_capacity: int = 64  # slots per sequence
     mem_topk: int = 8  # slots each token reads
     mem_dim: int = 272  # width of a memory slot (sized so cognate-25m lands at 25.07M parameters)
@@ -53,6 +56,7 @@ class CognateConfig:
         64  # tokens per write; a token reads only slots written from strictly earlier chunks
     )
     mem_decay: float = 0.99  # per-chunk retention of a slot's strength (forgetting)
+    mem_neural_hidden: int = 128  # hidden width of the neural memory's MLP (mem_kind="neural" only)
 
     # Loss weights: L = L_ref + w_act * L_act + w_read * L_read + w_write * L_write.
     w_act: float = 0.1
@@ -88,6 +92,9 @@ class CognateConfig:
         return cls(**values)
 
 
+MEMORY_KINDS = ("slots", "neural")
+
+
 def _problems(c: CognateConfig):
     positive = (
         "vocab_size",
@@ -104,6 +111,7 @@ def _problems(c: CognateConfig):
         "mem_topk",
         "mem_dim",
         "mem_chunk_size",
+        "mem_neural_hidden",
     )
     for name in positive:
         if getattr(c, name) <= 0:
@@ -116,6 +124,8 @@ def _problems(c: CognateConfig):
         yield f"attn_window={c.attn_window} must be positive or None"
     if c.grad_steps > c.t_train:
         yield f"grad_steps={c.grad_steps} exceeds t_train={c.t_train}"
+    if c.mem_kind not in MEMORY_KINDS:
+        yield f"mem_kind={c.mem_kind!r} must be one of: {', '.join(repr(k) for k in MEMORY_KINDS)}"
     if c.mem_topk > c.mem_capacity:
         yield f"mem_topk={c.mem_topk} exceeds mem_capacity={c.mem_capacity}"
     if not 0.0 < c.act_threshold < 1.0:
@@ -209,9 +219,20 @@ def get_preset(name: str) -> CognateConfig:
 
 SPECIALIZATIONS = ("reasoning", "memory", "speed")
 # The fields that fix the tensors' shapes: a specialization keeps them, so the seeds of every specialization of one
-# size stay mergeable.
+# size stay mergeable. The memory kind is one of them: it decides which memory's tensors the model has.
 SIZE_FIELDS = frozenset(
-    {"vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden", "act_hidden", "mem_dim", "tie_embeddings"}
+    {
+        "vocab_size",
+        "d_model",
+        "n_layers",
+        "n_heads",
+        "ffn_hidden",
+        "act_hidden",
+        "mem_dim",
+        "tie_embeddings",
+        "mem_kind",
+        "mem_neural_hidden",
+    }
 )
 # The settings that define a specialization: every field in which some specialization's preset differs from the
 # base, except the size. `specialize(config, "memory")` keeps the size of `config` (a `tiny` model stays tiny) and

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from cognate.model.config import CognateConfig
 from cognate.model.kernels import compiled_where_available
 from cognate.model.memory import MemoryBank, MemoryRead
+from cognate.model.neural_memory import NeuralMemoryRead
 
 
 class RMSNorm(nn.Module):
@@ -264,7 +265,7 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = SelfAttention(cfg)
-        self.memory_read = MemoryRead(cfg)
+        self.memory_read = MemoryRead(cfg) if cfg.mem_kind == "slots" else NeuralMemoryRead(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg)
         self.dropout = nn.Dropout(cfg.dropout)

@@ -39,6 +39,7 @@ from cognate.model.generate import DecodeState, generate
 from cognate.model.head import IGNORE_INDEX, fused_linear_cross_entropy
 from cognate.model.layers import Block, KVCache, RMSNorm, Rotary, rms_normalize
 from cognate.model.memory import LongTermMemory, MemoryBank, MemoryState
+from cognate.model.neural_memory import NeuralMemory
 
 
 @dataclass
@@ -72,7 +73,8 @@ class CognateModel(nn.Module):
         # Built even when act_enabled / mem_enabled are off, so every specialization of a size has the same
         # tensors and the three seed models stay mergeable.
         self.halting = HaltingHead(cfg)
-        self.memory = LongTermMemory(cfg)
+        # Only the configured memory kind's tensors (mem_kind is a size field: a specialization keeps it).
+        self.memory = LongTermMemory(cfg) if cfg.mem_kind == "slots" else NeuralMemory(cfg)
         # Unit-RMS token vectors (std d^-1/2, times √d), so the injected input is on par with the unit-RMS state.
         nn.init.normal_(self.embed_tokens.weight, std=cfg.d_model**-0.5)
         self.embed_scale = math.sqrt(cfg.d_model)

@@ -11,6 +11,7 @@ from torch import nn
 from cognate.model.act import HaltingHead
 from cognate.model.layers import RMSNorm
 from cognate.model.memory import LongTermMemory, MemoryRead
+from cognate.model.neural_memory import NeuralMemory, NeuralMemoryRead
 
 COMPONENTS = ("embeddings", "blocks", "norms", "memory", "act_head", "lm_head")
 
@@ -39,7 +40,7 @@ def total_parameters(model: nn.Module) -> int:
 
 def _owner(name: str, module: nn.Module) -> str | None:
     """The component a module's parameters belong to, for the modules that decide it."""
-    if isinstance(module, (MemoryRead, LongTermMemory)):
+    if isinstance(module, (MemoryRead, LongTermMemory, NeuralMemoryRead, NeuralMemory)):
         return "memory"
     if isinstance(module, HaltingHead):
         return "act_head"

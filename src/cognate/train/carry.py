@@ -10,13 +10,21 @@ the memory is what a segment knows of the earlier ones.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
 from cognate.model.config import CognateConfig, ConfigError
 from cognate.model.memory import MemoryState
+from cognate.model.neural_memory import NeuralMemoryState
 
-STATE_TENSORS = ("keys", "values", "strength", "pending_states", "pending_surprise")
+# The carried state classes by name (checkpoints hold tensors, ints and strings only).
+STATE_CLASSES = {cls.__name__: cls for cls in (MemoryState, NeuralMemoryState)}
+
+
+def _state_tensors(state) -> list[str]:
+    return [f.name for f in dataclasses.fields(state) if f.name != "next_chunk"]
 
 
 def continues_document(before: np.ndarray, now: np.ndarray) -> np.ndarray:
@@ -71,8 +79,12 @@ class CarriedMemory:
     def state_dict(self) -> dict:
         """Tensors and ints only (checkpoints load with weights_only=True), on the CPU; keyed "kind/lane"."""
         return {
-            f"{kind}/{lane}": {name: getattr(state, name).cpu() for name in STATE_TENSORS}
-            | {"next_chunk": state.next_chunk, "documents": torch.from_numpy(documents)}
+            f"{kind}/{lane}": {name: getattr(state, name).cpu() for name in _state_tensors(state)}
+            | {
+                "next_chunk": state.next_chunk,
+                "documents": torch.from_numpy(documents),
+                "state_class": type(state).__name__,
+            }
             for (kind, lane), (state, documents) in self.streams.items()
         }
 
@@ -83,6 +95,11 @@ class CarriedMemory:
             kind, lane = key.rsplit("/", 1)
             stream = (kind, int(lane))
             if keep(stream):
-                tensors = {name: entry[name].to(device) for name in STATE_TENSORS}
-                state = MemoryState(next_chunk=int(entry["next_chunk"]), **tensors)
+                state_class = STATE_CLASSES[entry.get("state_class", MemoryState.__name__)]
+                tensors = {
+                    f.name: entry[f.name].to(device)
+                    for f in dataclasses.fields(state_class)
+                    if f.name != "next_chunk"
+                }
+                state = state_class(next_chunk=int(entry["next_chunk"]), **tensors)
                 self.streams[stream] = (state, entry["documents"].numpy())

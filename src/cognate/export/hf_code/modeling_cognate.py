@@ -30,6 +30,7 @@ from .config import HF_CONFIG_NAMES, CognateConfig
 from .generate import DecodeState
 from .memory import MemoryState
 from .model import CognateModel
+from .neural_memory import NeuralMemoryState
 
 # transformers 5 calls the cache argument and output field `cache` (`past_key_values` is deprecated there);
 # earlier versions call both `past_key_values`. The forward accepts either name and answers with the installed one.
@@ -201,10 +202,10 @@ class CognateCache(Cache):
 
 def select_decode_state(state, index: torch.Tensor):
     """The decoding state of some rows of a batch: every tensor in it indexed on its batch dimension (the first,
-    except in a MemoryState, which knows its own), whatever fields the native state holds."""
+    except in a memory state, which knows its own), whatever fields the native state holds."""
     if isinstance(state, torch.Tensor):
         return state[index]
-    if isinstance(state, MemoryState):
+    if isinstance(state, (MemoryState, NeuralMemoryState)):
         return state.select(index)
     if isinstance(state, list):
         return [select_decode_state(item, index) for item in state]
