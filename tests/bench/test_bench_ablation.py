@@ -23,6 +23,8 @@ def test_each_arm_switches_off_exactly_what_its_name_says():
     assert not configs["recursion"].act_enabled and not configs["recursion"].mem_enabled
     assert configs["act"].act_enabled and not configs["act"].mem_enabled
     assert configs["memory"].mem_enabled and not configs["memory"].act_enabled
+    assert configs["memory"].mem_kind == "slots" and configs["memory_neural"].mem_kind == "neural"
+    assert configs["memory_neural"].mem_enabled and not configs["memory_neural"].act_enabled
     assert configs["full"] == preset
 
 

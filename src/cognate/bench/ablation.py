@@ -1,10 +1,12 @@
-"""`cognate bench ablation`: does each mechanism buy more than it costs? Five arms under one budget.
+"""`cognate bench ablation`: does each mechanism buy more than it costs? Five arms under one budget, and a sixth
+on request.
 
-    plain      1 refinement step, no ACT, no memory: a plain transformer of the same size
-    recursion  the preset's refinement steps, no ACT, no memory
-    act        refinement + ACT halting
-    memory     refinement + long-term memory
-    full       the preset as configured (refinement, ACT, memory)
+    plain          1 refinement step, no ACT, no memory: a plain transformer of the same size
+    recursion      the preset's refinement steps, no ACT, no memory
+    act            refinement + ACT halting
+    memory         refinement + the slot memory (mem_kind "slots")
+    full           the preset as configured (refinement, ACT, memory)
+    memory_neural  refinement + the Titans neural memory (mem_kind "neural"; not in the default set)
 
 Every arm is trained by `cognate train` itself (a subprocess per arm: same data, same initialisation seed, same
 optimizer and token schedule, same thread count), under one budget:
@@ -53,7 +55,8 @@ from cognate.train.halting import calibrate_halting
 from cognate.train.precision import add_bf16_argument, autocast_for, resolve_precision
 from cognate.train.throughput import flops_per_token
 
-ARMS = ("plain", "recursion", "act", "memory", "full")
+ARMS = ("plain", "recursion", "act", "memory", "full", "memory_neural")
+DEFAULT_ARMS = ARMS[:5]
 BUDGETS = ("time", "tokens", "converge")
 FAMILIES = ("math", "code", "qa")
 CALIBRATION_BATCHES = 16  # validation batches the halting threshold is calibrated on
@@ -68,8 +71,9 @@ def arm_overrides(arm: str, preset: CognateConfig) -> dict:
         "plain": plain,
         "recursion": dict(act_enabled=False, mem_enabled=False),
         "act": dict(mem_enabled=False),
-        "memory": dict(act_enabled=False),
+        "memory": dict(act_enabled=False, mem_enabled=True, mem_kind="slots"),
         "full": {},
+        "memory_neural": dict(act_enabled=False, mem_enabled=True, mem_kind="neural"),
     }[arm]
 
 
@@ -299,7 +303,15 @@ def arm_report(
         "halting_calibration": calibration,
         "model": {
             k: getattr(model.cfg, k)
-            for k in ("t_train", "t_infer", "grad_steps", "act_enabled", "act_threshold", "mem_enabled")
+            for k in (
+                "t_train",
+                "t_infer",
+                "grad_steps",
+                "act_enabled",
+                "act_threshold",
+                "mem_enabled",
+                "mem_kind",
+            )
         },
     }
 
@@ -445,7 +457,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="halting arms are scored at the cheapest threshold costing at most this many nats and half of what "
         "the later refinement steps buy (default 0.03)",
     )
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), help=f"subset of {', '.join(ARMS)}")
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        default=list(DEFAULT_ARMS),
+        help=f"any of {', '.join(ARMS)} (default: all but memory_neural)",
+    )
     parser.add_argument("--side-by-side", action="store_true", help="train the arms at the same time")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per arm (default 2)")
     parser.add_argument("--batch-size", type=int, default=4, help="rows per update (default 4)")
