@@ -6,7 +6,8 @@ it. Everything is computed for all chunks and tokens at once; there is no Python
 Write. The states are cut into chunks of `mem_chunk_size` tokens at absolute positions. Each complete chunk proposes
 one slot: an attention-pooled summary of its states projected to a key and a value of width `mem_dim`. Its write
 strength is surprise x novelty x a learned write gate:
-  surprise = 1 - exp(-mean CE) = 1 - the geometric-mean probability step t-1 gave the chunk's next tokens,
+  surprise = the mean over the chunk's tokens of (1 - cos(state of step t-1 at i - 1, LM-head row of token i)) / 2,
+             how far step t-1's prediction points from what came (cognate.model.model.token_surprise),
   novelty  = 1 - the largest cosine similarity of its key to the keys written before it (clamped to [0, 1]),
   gate     = sigmoid(w . summary + b), trained by L_write.
 
@@ -63,7 +64,7 @@ class MemoryState:
     strength: Tensor  # [T, B, capacity], as seen by chunk `next_chunk`; 0 = empty slot
     next_chunk: int  # absolute index of the next chunk to be written
     pending_states: Tensor  # [T, B, r, d_model]: h_{t-1} of the r < chunk_size tokens of the incomplete chunk
-    pending_surprise: Tensor  # [T, B, r]: their surprise (CE), NaN where unknown
+    pending_surprise: Tensor  # [T, B, r]: their surprise, NaN where unknown
 
     @property
     def n_steps(self) -> int:
@@ -105,7 +106,9 @@ class MemoryBank:
     read_bias: Tensor  # [B, S, n_slots]: log-probability of each selected slot; -inf for the others
     reads: Tensor  # [B, S, 1]: 1.0 where the token reads at least one slot, else 0.0
     visible: Tensor  # [B, S, n_slots] bool: alive and written from a chunk strictly before the token's
-    earlier: Tensor  # [B, S, n_slots] bool: written from a chunk strictly before the token's, alive or evicted
+    earlier: (
+        Tensor  # [B, S, n_slots] bool: written from a chunk strictly before the token's, alive or evicted
+    )
     # What the losses, the statistics and the next state need.
     retrieval: Tensor  # [B, S, n_slots]: the read queries' cosine logits (InfoNCE logits)
     positive: Tensor  # [B, S]: slot index of each token's L_read positive; -1 where it has none
@@ -164,9 +167,10 @@ class LongTermMemory(nn.Module):
         """The memory that refinement step `step` (1-based) reads.
 
         states: [B, S, d_model], h_{step-1} of this call's tokens (the embeddings at step 1).
-        surprise: [B, S] detached CE of step step-1's prediction of each input token (made at the position before
-            it); None at step 1 (no prediction yet: full surprise). NaN marks an unknown value (a call's first token
-            when nothing came before it); a chunk's surprise is the mean over its known tokens.
+        surprise: [B, S] in [0, 1], detached: how far step step-1's prediction (made at the position before each
+            input token) missed it (`token_surprise`); None at step 1 (no prediction yet: full surprise). NaN
+            marks an unknown value (a call's first token when nothing came before it); a chunk's surprise is the
+            mean over its known tokens.
         prior: the memory carried in from the previous call, or None for a fresh sequence.
         """
         c = self.cfg
@@ -397,9 +401,8 @@ def _top_k_read(retrieval: Tensor, candidates: Tensor, topk: int) -> tuple[Tenso
 
 
 def _chunk_surprise(surprise: Tensor, n_chunks: int, chunk_size: int) -> Tensor:
-    """1 - exp(-mean CE) per chunk, in [0, 1); 1.0 for a chunk whose surprise is unknown."""
-    mean_ce = surprise.view(surprise.shape[0], n_chunks, chunk_size).nanmean(dim=-1)
-    return (1.0 - torch.exp(-mean_ce.clamp(min=0.0))).nan_to_num(1.0)
+    """The mean token surprise of each chunk, in [0, 1]; 1.0 for a chunk whose surprise is unknown."""
+    return surprise.view(surprise.shape[0], n_chunks, chunk_size).nanmean(dim=-1).nan_to_num(1.0)
 
 
 def _novelty(new_keys: Tensor, prior_keys: Tensor, prior_alive: Tensor) -> Tensor:
