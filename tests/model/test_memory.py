@@ -350,7 +350,8 @@ def test_fifo_eviction_keeps_the_newest_chunks_whatever_their_strength(decay, sp
             bank = memory.build(1, states[:, split:], surprise[:, split:], first)
         state = memory.next_state([bank])
     kept_keys = state.keys[0, 0]
-    newest = memory.key(memory.norm(states[0, 12::4]))  # the last three chunks' keys (each chunk is one vector)
+    # The last three chunks' keys (each chunk repeats one vector).
+    newest = memory.key(memory.norm(states[0, 12::4]))
     torch.testing.assert_close(kept_keys, newest, atol=1e-5, rtol=1e-5)
     memory.eviction = "strength"
     with torch.no_grad():
