@@ -84,5 +84,9 @@ def test_flops_count_the_steps_and_parts_that_really_run():
     assert flops_per_token(recursive, short) == pytest.approx(3 * 2 * (core + head) + core)
     deeper_answers = CognateModel(recursive.cfg.replace(t_infer=2))
     assert flops_per_token(deeper_answers, short) == pytest.approx(3 * 3 * (core + head))
-    # Long enough for memory: its projections and the head (for surprise) run on every step, no_grad ones too.
-    assert flops_per_token(recursive, preset.mem_min_seq_len) > flops_per_token(recursive, short) + head
+    # Long enough for memory: its projections run on every step, no_grad ones too; the head still runs only on the
+    # supervised steps (the memory's surprise needs none).
+    long = preset.mem_min_seq_len
+    no_memory = CognateModel(recursive.cfg.replace(mem_enabled=False))
+    memory = flops_per_token(recursive, long) - flops_per_token(no_memory, long)
+    assert 0 < memory < head
