@@ -160,10 +160,10 @@ class CognateModel(nn.Module):
         """Evaluation with per-token halting (see the module docstring); with `decode`, the incremental form
         generation uses.
 
-        Each step runs the blocks, the LM head and the halting head only for the tokens still refining (`rows`,
-        indices into the flattened B·S tokens); what a halted token had at its halting step (its CE, its logits,
-        its memory surprise) stays in place. With targets the fused head scores the steps and no logits are
-        materialised.
+        Each step runs the blocks and the halting head only for the tokens still refining (`rows`, indices into the
+        flattened B·S tokens); what a halted token had at its halting step (its state, its CE) stays in place, and
+        its memory surprise and final logits are read from that state. Without targets the LM head runs once, on
+        every token's final state; with targets the fused head scores every step and no logits are materialised.
         """
         cfg = self.cfg
         e, rotary = self._embed(input_ids, start=decode.position if decode else 0)
