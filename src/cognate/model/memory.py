@@ -106,9 +106,7 @@ class MemoryBank:
     read_bias: Tensor  # [B, S, n_slots]: log-probability of each selected slot; -inf for the others
     reads: Tensor  # [B, S, 1]: 1.0 where the token reads at least one slot, else 0.0
     visible: Tensor  # [B, S, n_slots] bool: alive and written from a chunk strictly before the token's
-    earlier: (
-        Tensor  # [B, S, n_slots] bool: written from a chunk strictly before the token's, alive or evicted
-    )
+    earlier: Tensor  # [B, S, n_slots] bool: written from a strictly earlier chunk, alive or evicted
     # What the losses, the statistics and the next state need.
     retrieval: Tensor  # [B, S, n_slots]: the read queries' cosine logits (InfoNCE logits)
     positive: Tensor  # [B, S]: slot index of each token's L_read positive; -1 where it has none
