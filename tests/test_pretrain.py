@@ -192,7 +192,9 @@ def test_a_rerun_resumes_an_unfinished_seed_from_its_checkpoint(pretrained, tmp_
     updates = {"n": 0}
 
     def dies_at_the_last_update(self, *args, **kwargs):
-        if self.training and torch.is_grad_enabled():  # a training forward (not the checkpoint's soundness check)
+        if (
+            self.training and torch.is_grad_enabled()
+        ):  # a training forward (not the checkpoint's soundness check)
             updates["n"] += 1
             if updates["n"] == total:
                 raise RuntimeError("killed")

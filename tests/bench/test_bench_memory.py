@@ -7,7 +7,15 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from cognate.bench.memory_recall import IGNORE_INDEX, RecallSettings, make_batch
+from cognate.bench.memory_recall import (
+    IGNORE_INDEX,
+    LongRecallSettings,
+    RecallSettings,
+    long_arms,
+    long_model_config,
+    make_batch,
+    make_document,
+)
 from cognate.cli import main
 from cognate.model.config import ConfigError, get_preset
 from cognate.model.model import CognateModel
@@ -95,6 +103,72 @@ def test_memory_on_recalls_what_attention_cannot_reach_and_memory_off_does_not(c
     assert result["gap"] > result["attention_reach"]
     assert result["accuracy_memory_off"] < result["chance"] + 0.1
     assert result["accuracy_memory_on"] > max(3 * result["chance"], result["accuracy_memory_off"] + 0.25)
+
+
+def test_long_documents_hide_the_facts_among_repetitive_filler_beyond_the_memory_and_attention():
+    settings = LongRecallSettings(long_chunks=40, filler_period=3)
+    input_ids, targets = make_document(settings, settings.long_chunks, 16, torch.Generator().manual_seed(0))
+    assert input_ids.shape == targets.shape == (16, settings.document_len(40))
+    first_key, first_value = settings.n_filler, settings.n_filler + settings.n_keys
+    context = 40 * settings.chunk_size
+    scored = targets != IGNORE_INDEX
+    assert (scored.sum(1) == settings.n_pairs).all() and not scored[:, :context].any()
+    for row in range(16):
+        body = input_ids[row, :context]
+        facts = (body >= first_key).nonzero().flatten()
+        keys = facts[body[facts] < first_value]
+        assert len(facts) == 2 * settings.n_pairs and torch.equal(facts[1::2], keys + 1)
+        # Each fact sits inside one chunk, and none in the last tail_chunks: what "keep the newest" keeps.
+        assert torch.equal(keys // settings.chunk_size, (keys + 1) // settings.chunk_size)
+        assert (keys // settings.chunk_size < 40 - settings.tail_chunks).all()
+        # Everything else repeats one pattern of filler_period filler tokens.
+        filler = torch.ones(context, dtype=torch.bool)
+        filler[facts] = False
+        phase = torch.arange(context) % settings.filler_period
+        for offset in range(settings.filler_period):
+            assert len(body[filler & (phase == offset)].unique()) == 1
+        assert (body[filler] < first_key).all()
+        # Every key is queried once and its target is the value stored with it, past attention and memory span.
+        for position in scored[row].nonzero().flatten():
+            stored = (body == input_ids[row, position]).nonzero().flatten()
+            assert len(stored) == 1 and body[stored + 1] == targets[row, position]
+            assert position - stored > max(settings.attention_reach, settings.memory_span)
+
+
+def test_long_recall_settings_name_every_bad_field():
+    with pytest.raises(ConfigError) as error:
+        LongRecallSettings(mem_capacity=8, train_chunks=10, mem_decay=1.5)
+    assert "train_chunks=10 leaves no room" in str(error.value) and "mem_decay=1.5" in str(error.value)
+
+
+def test_long_recall_arms_are_config_overrides_of_one_model():
+    settings = LongRecallSettings()
+    arms = long_arms()
+    assert {"gated", "memory_off"} <= set(arms)
+    gated = long_model_config(settings, **arms["gated"])
+    assert gated.mem_capacity * gated.mem_chunk_size == settings.memory_span < settings.document_len(128)
+    assert long_model_config(settings, **arms["memory_off"]) == gated.replace(mem_enabled=False)
+
+
+def test_memory_recall_long_prints_one_json_line(capsys):
+    argv = ["bench", "memory-recall", "--long", "--json", "--train-steps", "2", "--eval-sequences", "4"]
+    argv += ["--batch-size", "4", "--long-chunks", "20", "--train-chunks", "16", "--threads", "1"]
+    threads = torch.get_num_threads()
+    try:
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads(capsys.readouterr().out.strip())
+    for arm in ("gated", "fifo", "memory_off"):
+        assert 0.0 <= result[f"accuracy_{arm}"] <= 1.0
+    assert "accuracy_neural" in result and result["chance"] == pytest.approx(1 / 16, abs=1e-4)
+    assert result["long_len"] == 20 * 8 + 8 and result["memory_span"] == 64
+    assert result["settings"]["long_chunks"] == 20
+
+
+def test_a_long_only_option_without_long_is_refused(capsys):
+    assert main(["bench", "memory-recall", "--train-chunks", "30"]) == 2
+    assert "--train-chunks applies only with --long" in capsys.readouterr().err
 
 
 def test_scaling_prints_seconds_per_token_per_length(capsys):

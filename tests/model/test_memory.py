@@ -39,7 +39,7 @@ def make_memory(seed: int = 0, **changes) -> tuple[LongTermMemory, MemoryRead]:
 def random_inputs(batch: int, seq_len: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     states = torch.randn(batch, seq_len, D_MODEL, generator=generator)
-    surprise = torch.rand(batch, seq_len, generator=generator) * 5
+    surprise = torch.rand(batch, seq_len, generator=generator)
     return states, surprise
 
 
@@ -303,6 +303,98 @@ def test_stats_report_the_write_rate_read_gate_and_slots_alive():
     }
 
 
+def one_chunk_per_state(vectors: torch.Tensor, chunk: int) -> torch.Tensor:
+    """States [1, n * chunk, D]: each chunk repeats one vector of vectors [n, D]."""
+    return vectors.repeat_interleave(chunk, dim=0)[None]
+
+
+@pytest.mark.parametrize("weak", range(4))
+def test_eviction_follows_strength_the_least_surprising_chunk_goes(weak):
+    memory, _ = make_memory(mem_capacity=3, mem_topk=3, mem_decay=1.0)
+    states = one_chunk_per_state(torch.randn(4, D_MODEL, generator=torch.Generator().manual_seed(7)), 4)
+    surprise = torch.full((1, 16), 0.9)
+    surprise[0, 4 * weak : 4 * weak + 4] = 0.02  # four chunks for three slots: this one is the weakest
+    with torch.no_grad():
+        bank = memory.build(1, states, surprise, None)
+    assert bank.alive_at_end[0].tolist() == [chunk != weak for chunk in range(4)]
+
+
+@pytest.mark.parametrize("weak", range(4))
+def test_eviction_follows_strength_the_chunk_the_gate_rejects_goes(weak):
+    memory, _ = make_memory(mem_capacity=3, mem_topk=3, mem_decay=1.0)
+    vectors = torch.randn(4, D_MODEL, generator=torch.Generator().manual_seed(8))
+    vectors[:, 0] = 4.0
+    vectors[weak, 0] = -4.0
+    with torch.no_grad():  # the gate reads coordinate 0 only: open for every chunk but `weak`
+        memory.write_gate.weight.zero_()
+        memory.write_gate.weight[0, 0] = 5.0
+        memory.write_gate.bias.zero_()
+        bank = memory.build(1, one_chunk_per_state(vectors, 4), torch.full((1, 16), 0.5), None)
+    assert bank.alive_at_end[0].tolist() == [chunk != weak for chunk in range(4)]
+
+
+@pytest.mark.parametrize("decay", [1.0, 0.9])
+@pytest.mark.parametrize("split", [None, 6, 13])
+def test_fifo_eviction_keeps_the_newest_chunks_whatever_their_strength(decay, split):
+    memory, _ = make_memory(mem_capacity=3, mem_topk=3, mem_decay=decay)
+    memory.eviction = "fifo"
+    states = one_chunk_per_state(torch.randn(6, D_MODEL, generator=torch.Generator().manual_seed(9)), 4)
+    surprise = torch.full((1, 24), 0.9)
+    surprise[0, 12:] = 0.01  # the newest chunks are the least surprising: the write policy would drop them
+    with torch.no_grad():
+        if split is None:
+            bank = memory.build(1, states, surprise, None)
+        else:
+            first = memory.next_state([memory.build(1, states[:, :split], surprise[:, :split], None)])
+            bank = memory.build(1, states[:, split:], surprise[:, split:], first)
+        state = memory.next_state([bank])
+    kept_keys = state.keys[0, 0]
+    # The last three chunks' keys (each chunk repeats one vector).
+    newest = memory.key(memory.norm(states[0, 12::4]))
+    torch.testing.assert_close(kept_keys, newest, atol=1e-5, rtol=1e-5)
+    memory.eviction = "strength"
+    with torch.no_grad():
+        policy = memory.next_state([memory.build(1, states, surprise, None)])
+    assert not torch.allclose(policy.keys[0, 0], newest, atol=1e-3)
+
+
+def test_an_unknown_eviction_rule_is_refused():
+    memory, _ = make_memory()
+    memory.eviction = "random"
+    with pytest.raises(ValueError, match="eviction='random'"):
+        memory.build(1, torch.randn(1, 8, D_MODEL), None, None)
+
+
+def test_the_write_gate_learns_to_keep_a_slot_that_eviction_removed_but_a_later_read_wants():
+    """Capacity 1: chunk 0 (X) is what the readers in chunk 2 look for, but the gate prefers chunk 1 (Y), so X is
+    evicted before they read. L_write's utility is the read use without eviction, so it brings X back."""
+    memory, _ = make_memory(mem_capacity=1, mem_topk=1, mem_decay=1.0)
+    generator = torch.Generator().manual_seed(10)
+    x, y = torch.randn(2, D_MODEL, generator=generator)
+    states = one_chunk_per_state(torch.stack([x, y, x]), 4)  # readers: chunk 2 repeats X
+    with torch.no_grad():
+        memory.query.weight.copy_(memory.key.weight)  # a reader of X finds X's key exactly
+        normed = memory.norm(torch.stack([x, y]))
+        memory.write_gate.weight.copy_(3.0 * (normed[1] - normed[0])[None] / normed.norm(dim=-1).mean())
+        memory.write_gate.bias.zero_()
+    readers = torch.zeros(1, 12, dtype=torch.bool)
+    readers[0, 8:] = True
+    surprise = torch.full((1, 12), 0.5)
+
+    def x_visible_to_readers() -> bool:
+        with torch.no_grad():
+            return bool(memory.build(1, states, surprise, None).visible[0, 8:, 0].all())
+
+    assert not x_visible_to_readers()
+    optimizer = torch.optim.Adam(memory.write_gate.parameters(), lr=0.1)
+    for _ in range(40):
+        _, write_loss = memory.losses([memory.build(1, states, surprise, None)], readers)
+        optimizer.zero_grad()
+        write_loss.backward()
+        optimizer.step()
+    assert x_visible_to_readers()
+
+
 @settings(max_examples=25, deadline=None)
 @given(first=st.integers(0, 30), second=st.integers(1, 9), seed=st.integers(0, 10_000))
 def test_a_bank_nobody_reads_carries_the_same_state_as_a_read_one(first, second, seed):
@@ -310,7 +402,9 @@ def test_a_bank_nobody_reads_carries_the_same_state_as_a_read_one(first, second,
     shortcut); the memory it hands on must be the one a full build hands on."""
     memory, _ = make_memory(seed)
     states, surprise = random_inputs(2, first + second, seed)
-    prior = memory.next_state([memory.build(1, states[:, :first], surprise[:, :first], None)]) if first else None
+    prior = (
+        memory.next_state([memory.build(1, states[:, :first], surprise[:, :first], None)]) if first else None
+    )
     rest = states[:, first:], surprise[:, first:]
     carried = [memory.next_state([memory.build(1, *rest, prior, read=read)]) for read in (True, False)]
     for name in ("keys", "values", "strength", "pending_states", "pending_surprise"):

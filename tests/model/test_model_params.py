@@ -75,6 +75,14 @@ def test_specialize_carries_every_field_that_defines_the_specialization(speciali
     assert specialize(base, specialization) == get_preset(specialization)  # names aside (compare=False)
     tiny = specialize(get_preset("tiny"), specialization)
     preset = get_preset(specialization)
-    for name in ("mem_capacity", "mem_topk", "t_train", "t_infer", "grad_steps", "act_threshold", "mem_enabled"):
+    for name in (
+        "mem_capacity",
+        "mem_topk",
+        "t_train",
+        "t_infer",
+        "grad_steps",
+        "act_threshold",
+        "mem_enabled",
+    ):
         assert getattr(tiny, name) == getattr(preset, name), name
     assert tiny.d_model == get_preset("tiny").d_model  # the size stays

@@ -49,7 +49,9 @@ class CognateConfig:
     # "slots": chunk summaries read by cross-attention (cognate.model.memory); "neural": a small MLP written at test
     # time by gradient steps (cognate.model.neural_memory). Each kind builds only its own tensors.
     mem_kind: str = "slots"
-    mem_capacity: int = 64  # slots per sequence
+    # Slots per sequence. capacity x chunk (1,024 tokens) is a quarter of the curriculum's 4,096-token long rows, so
+    # the write policy decides what a long row keeps (docs/memory.md, "Write policy and eviction").
+    mem_capacity: int = 16
     mem_topk: int = 8  # slots each token reads
     mem_dim: int = 272  # width of a memory slot (sized so cognate-25m lands at 25.07M parameters)
     mem_chunk_size: int = (
@@ -157,7 +159,7 @@ _register(
         name="memory",
         t_train=4,
         t_infer=2,
-        mem_capacity=128,
+        mem_capacity=32,  # 32 x 64 = 2,048 tokens: half a long row, twice the base's memory
         mem_topk=16,
         attn_window=512,
         max_seq_len=8192,
@@ -183,7 +185,7 @@ _register(
         t_train=2,
         t_infer=2,
         grad_steps=1,
-        mem_capacity=32,
+        mem_capacity=32,  # 32 x 32 = 1,024 tokens: a quarter of a long row, as in cognate-25m
         mem_topk=4,
         mem_dim=64,
         mem_chunk_size=32,

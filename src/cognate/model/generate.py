@@ -27,14 +27,14 @@ class DecodeState:
     """What generation carries from one call to the next, explicitly (the model itself holds no state).
 
     caches: one KV cache per refinement step and layer; position: absolute position of the next token;
-    memory_state: the long-term memory; last_logits: per step, the logits at the last position, against which
-    the next token's surprise (a memory write signal) is measured.
+    memory_state: the long-term memory; last_states: per step, the normalised state at the last position,
+    against which the next token's surprise (a memory write signal) is measured.
     """
 
     caches: list[list[KVCache]] = field(default_factory=list)
     position: int = 0
     memory_state: MemoryState | None = None
-    last_logits: list[Tensor] = field(default_factory=list)
+    last_states: list[Tensor] = field(default_factory=list)
 
 
 @torch.no_grad()

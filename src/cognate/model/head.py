@@ -3,10 +3,9 @@
 With a 32,000-token vocabulary the logits of a 4,096-token batch are 131M numbers: materialising them in fp32, their
 log-softmax, its gradient and the dtype copies in between costs more time than every matmul of a 25M-parameter model
 (profiled: argmax, log_softmax forward/backward, copies and fills were ~40% of a training step on CPU). Here each
-chunk of rows is projected, reduced to what training needs (the CE sum, each row's CE, which the halting head's
-target compares across steps, and the CE against a second label set that the memory uses as surprise) and, when gradients are wanted, turned straight
-into its share of the input and weight gradients, as Liger-Kernel's fused linear cross-entropy does. Only one
-chunk's logits are alive at a time; the matmuls run in the autocast dtype and the softmax in fp32.
+chunk of rows is projected, reduced to what training needs (the CE sum and each row's CE, which the halting head's
+target compares across steps) and, when gradients are wanted, turned straight into its share of the input and
+weight gradients, as Liger-Kernel's fused linear cross-entropy does. Only one chunk's logits are alive at a time; the matmuls run in the autocast dtype and the softmax in fp32.
 """
 
 from __future__ import annotations
@@ -29,15 +28,12 @@ CHUNK_ELEMENTS = 256 * 32_000
 class HeadLoss:
     loss_sum: Tensor  # scalar fp32: sum of CE over the rows whose target is not IGNORE_INDEX (differentiable)
     target_ce: Tensor  # [N] fp32, detached: each row's CE against its target (0 where the target is ignored)
-    label_ce: Tensor | None  # [N] fp32, detached: CE against `labels` (NaN where that label is ignored)
 
 
-def fused_linear_cross_entropy(
-    hidden: Tensor, weight: Tensor, targets: Tensor, labels: Tensor | None = None
-) -> HeadLoss:
+def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor) -> HeadLoss:
     """CE of `hidden @ weight.T` against `targets` without the full logits; see the module docstring.
 
-    hidden: [N, D]; weight: [V, D]; targets, labels: [N] (IGNORE_INDEX = no target). Under autocast the matmuls run
+    hidden: [N, D]; weight: [V, D]; targets: [N] (IGNORE_INDEX = no target). Under autocast the matmuls run
     in the autocast dtype, as `nn.Linear` would; gradients flow to `hidden` and `weight` through `loss_sum` only.
     """
     compute_dtype = hidden.dtype
@@ -47,27 +43,21 @@ def fused_linear_cross_entropy(
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     with torch.autocast(hidden.device.type, enabled=False):
         if wants_grad:
-            loss_sum, target_ce, label_ce = _FusedLinearCrossEntropy.apply(
-                hidden_c, weight_c, targets, labels
-            )
+            loss_sum, target_ce = _FusedLinearCrossEntropy.apply(hidden_c, weight_c, targets)
         else:
-            loss_sum, target_ce, label_ce, _, _ = _forward(
-                hidden_c, weight_c, targets, labels, with_grad=False
-            )
-    return HeadLoss(loss_sum, target_ce, label_ce)
+            loss_sum, target_ce, _, _ = _forward(hidden_c, weight_c, targets, with_grad=False)
+    return HeadLoss(loss_sum, target_ce)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """The gradients are computed with the loss (the chunk's logits are at hand then) and scaled in backward."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, labels: Tensor | None):
-        loss_sum, target_ce, label_ce, grad_hidden, grad_weight = _forward(
-            hidden, weight, targets, labels, with_grad=True
-        )
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor):
+        loss_sum, target_ce, grad_hidden, grad_weight = _forward(hidden, weight, targets, with_grad=True)
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.mark_non_differentiable(target_ce, *([label_ce] if label_ce is not None else []))
-        return loss_sum, target_ce, label_ce
+        ctx.mark_non_differentiable(target_ce)
+        return loss_sum, target_ce
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, *_unused):
@@ -76,16 +66,14 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden * grad_loss.to(grad_hidden.dtype),
             (grad_weight * grad_loss).to(grad_hidden.dtype),
             None,
-            None,
         )
 
 
-def _forward(hidden: Tensor, weight: Tensor, targets: Tensor, labels: Tensor | None, *, with_grad: bool):
+def _forward(hidden: Tensor, weight: Tensor, targets: Tensor, *, with_grad: bool):
     n_rows, vocab = hidden.size(0), weight.size(0)
     chunk = max(1, CHUNK_ELEMENTS // vocab)
     loss_sum = torch.zeros((), device=hidden.device, dtype=torch.float32)
     target_ce = torch.empty(n_rows, device=hidden.device, dtype=torch.float32)
-    label_ce = None if labels is None else torch.empty(n_rows, device=hidden.device, dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden) if with_grad else None
     grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if with_grad else None
     for start in range(0, n_rows, chunk):
@@ -96,15 +84,11 @@ def _forward(hidden: Tensor, weight: Tensor, targets: Tensor, labels: Tensor | N
         valid = target != IGNORE_INDEX
         target_ce[rows] = torch.where(valid, log_z - target_logit, 0.0)
         loss_sum += target_ce[rows].sum()
-        if labels is not None:
-            label = labels[rows]
-            label_logit = logits.gather(1, label.clamp_min(0)[:, None]).squeeze(1).float()
-            label_ce[rows] = torch.where(label != IGNORE_INDEX, log_z - label_logit, float("nan"))
         if with_grad:
             grad_logits = _chunk_gradient(logits, log_z, target.clamp_min(0), valid)
             grad_hidden[rows] = grad_logits @ weight
             grad_weight += (grad_logits.T @ hidden[rows]).float()
-    return loss_sum, target_ce, label_ce, grad_hidden, grad_weight
+    return loss_sum, target_ce, grad_hidden, grad_weight
 
 
 def _statistics(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:

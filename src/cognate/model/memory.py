@@ -6,7 +6,8 @@ it. Everything is computed for all chunks and tokens at once; there is no Python
 Write. The states are cut into chunks of `mem_chunk_size` tokens at absolute positions. Each complete chunk proposes
 one slot: an attention-pooled summary of its states projected to a key and a value of width `mem_dim`. Its write
 strength is surprise x novelty x a learned write gate:
-  surprise = 1 - exp(-mean CE) = 1 - the geometric-mean probability step t-1 gave the chunk's next tokens,
+  surprise = the mean over the chunk's tokens of (1 - cos(state of step t-1 at i - 1, LM-head row of token i)) / 2,
+             how far step t-1's prediction points from what came (cognate.model.model.token_surprise),
   novelty  = 1 - the largest cosine similarity of its key to the keys written before it (clamped to [0, 1]),
   gate     = sigmoid(w . summary + b), trained by L_write.
 
@@ -14,6 +15,8 @@ Forget and evict. Strength decays by `mem_decay` per chunk. All slots decay at t
 change order once both exist: "keep the `mem_capacity` strongest" is one fixed ranking, an evicted slot never comes
 back, and the slots alive when chunk c reads are the top-capacity by that ranking among slots from chunks < c.
 A cumulative count over the ranking gives the visibility of every slot to every query chunk, [B, n_chunks, n_slots].
+`LongTermMemory.eviction = "fifo"` replaces the rule by "keep the newest" (every chunk written with strength 1, ties
+to the newer slot), to measure what the write policy buys with the same weights.
 
 Read. Each token scores the slots visible to its chunk by content alone (cosine of a read query made from its own
 h_{t-1} with the slot keys) and keeps the top `mem_topk`. Strength decides which slots are alive, not which are
@@ -25,9 +28,11 @@ Losses (both bounded, both with gradients to the memory's parameters):
   L_read  InfoNCE over the visible slots, on the cosine logits of the read queries. A token's positive is the
           visible slot whose value best matches the token's target representation, i.e. the (projected, detached)
           state of the next token: "the slot that holds what comes next". Bounded by log(n_slots) + 2 / temperature.
-  L_write squared error between a slot's learned write gate and its utility, the largest share of any later
-          token's read that the slot received (detached): writes that later reads use are pushed up, unused ones
-          down. Bounded by 1.
+  L_write squared error between a slot's learned write gate and its utility (detached): the largest share of
+          any later token's read that the slot gets when nothing of this call is evicted, i.e. top-k over every
+          slot written before the reader's chunk. A slot that eviction removed but that a later read would have
+          used is pushed up, so the gate (and through it the strength) learns to keep what reads use; measuring
+          the use after eviction instead would never bring back an evicted slot. Bounded by 1.
 
 Carrying memory between calls (generation, long documents): `MemoryState` keeps, per refinement step, the alive
 slots, their strengths and the states of the trailing incomplete chunk, which the next call's `build` prepends so
@@ -59,7 +64,7 @@ class MemoryState:
     strength: Tensor  # [T, B, capacity], as seen by chunk `next_chunk`; 0 = empty slot
     next_chunk: int  # absolute index of the next chunk to be written
     pending_states: Tensor  # [T, B, r, d_model]: h_{t-1} of the r < chunk_size tokens of the incomplete chunk
-    pending_surprise: Tensor  # [T, B, r]: their surprise (CE), NaN where unknown
+    pending_surprise: Tensor  # [T, B, r]: their surprise, NaN where unknown
 
     @property
     def n_steps(self) -> int:
@@ -119,10 +124,12 @@ class MemoryBank:
     read_bias: Tensor  # [B, S, n_slots]: log-probability of each selected slot; -inf for the others
     reads: Tensor  # [B, S, 1]: 1.0 where the token reads at least one slot, else 0.0
     visible: Tensor  # [B, S, n_slots] bool: alive and written from a chunk strictly before the token's
+    earlier: Tensor  # [B, S, n_slots] bool: written from a strictly earlier chunk, alive or evicted
     # What the losses, the statistics and the next state need.
     retrieval: Tensor  # [B, S, n_slots]: the read queries' cosine logits (InfoNCE logits)
     positive: Tensor  # [B, S]: slot index of each token's L_read positive; -1 where it has none
     write_logit: Tensor  # [B, n_new]: learned write-gate logits of this call's chunks
+    topk: int  # slots each token reads
     kept: Tensor  # [B, n_new] bool: the slot was written and survived eviction when it was written
     alive_at_end: Tensor  # [B, n_slots] bool: alive after this call's last complete chunk
     rank_key: Tensor  # [B, n_slots] float32: log strength up to a per-chunk constant (-inf: never written)
@@ -137,12 +144,20 @@ class MemoryBank:
         return self.keys.shape[1]
 
 
-class LongTermMemory(nn.Module):
-    """The write controller, the slot projections and the read-query scorer; one per model."""
+EVICTION_RULES = ("strength", "fifo")
 
-    def __init__(self, cfg: CognateConfig):
+
+class LongTermMemory(nn.Module):
+    """The write controller, the slot projections and the read-query scorer; one per model.
+
+    eviction: "strength" (the write policy: the weakest slot goes) or "fifo" (keep the newest `mem_capacity`
+    chunks, every chunk written; an evaluation control that ignores surprise, novelty and the learned gate).
+    """
+
+    def __init__(self, cfg: CognateConfig, eviction: str = "strength"):
         super().__init__()
         self.cfg = cfg
+        self.eviction = eviction
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         # Which tokens of a chunk its slot summarises (no bias: the softmax over a chunk ignores it).
         self.pool_score = nn.Linear(cfg.d_model, 1, bias=False)
@@ -175,9 +190,10 @@ class LongTermMemory(nn.Module):
         """The memory that refinement step `step` (1-based) reads.
 
         states: [B, S, d_model], h_{step-1} of this call's tokens (the embeddings at step 1).
-        surprise: [B, S] detached CE of step step-1's prediction of each input token (made at the position before
-            it); None at step 1 (no prediction yet: full surprise). NaN marks an unknown value (a call's first token
-            when nothing came before it); a chunk's surprise is the mean over its known tokens.
+        surprise: [B, S] in [0, 1], detached: how far step step-1's prediction (made at the position before each
+            input token) missed it (`token_surprise`); None at step 1 (no prediction yet: full surprise). NaN
+            marks an unknown value (a call's first token when nothing came before it); a chunk's surprise is the
+            mean over its known tokens.
         prior: the memory carried in from the previous call, or None for a fresh sequence.
         read: False when no token of this call reads the bank (every token has halted before this step): only what
             the next state needs is computed (the writes, eviction and pending tokens); the read fields are empty.
@@ -220,9 +236,14 @@ class LongTermMemory(nn.Module):
         values = torch.cat([prior_values.to(new_values.dtype), new_values], dim=1)
         n_prior = prior_keys.shape[1]
 
-        chunk_surprise = _chunk_surprise(all_surprise[:, :complete], n_new, c.mem_chunk_size)
-        novelty = _novelty(new_keys.detach(), prior_keys.detach(), prior_strength > 0)
-        strength = chunk_surprise * novelty * torch.sigmoid(write_logit.float())
+        if self.eviction == "fifo":
+            strength = torch.ones_like(write_logit, dtype=torch.float32)
+        elif self.eviction == "strength":
+            chunk_surprise = _chunk_surprise(all_surprise[:, :complete], n_new, c.mem_chunk_size)
+            novelty = _novelty(new_keys.detach(), prior_keys.detach(), prior_strength > 0)
+            strength = chunk_surprise * novelty * torch.sigmoid(write_logit.float())
+        else:
+            raise ValueError(f"eviction={self.eviction!r}; choose one of: {', '.join(EVICTION_RULES)}")
         rank_key = torch.cat([_log_strength(prior_strength), _new_rank_key(strength, c.mem_decay)], dim=1)
 
         # Visibility of every slot to every query chunk of this call (chunk indices relative to first_chunk).
@@ -236,11 +257,8 @@ class LongTermMemory(nn.Module):
             ]
         )
         query_chunk = torch.arange(n_query_chunks, device=keys.device)
-        visible_chunk = (
-            written[:, None, :]
-            & (slot_chunk[None, :] < query_chunk[:, None])
-            & (count_stronger[:, n_prior + query_chunk] < c.mem_capacity)
-        )
+        earlier_chunk = written[:, None, :] & (slot_chunk[None, :] < query_chunk[:, None])
+        visible_chunk = earlier_chunk & (count_stronger[:, n_prior + query_chunk] < c.mem_capacity)
         token_chunk = torch.arange(n_pending, n_pending + seq_len, device=keys.device) // c.mem_chunk_size
         visible = visible_chunk[:, token_chunk]  # [B, S, n_slots]
 
@@ -264,9 +282,11 @@ class LongTermMemory(nn.Module):
             read_bias=read_bias,
             reads=reads,
             visible=visible,
+            earlier=earlier_chunk[:, token_chunk],
             retrieval=retrieval,
             positive=positive,
             write_logit=write_logit,
+            topk=c.mem_topk,
             kept=kept,
             alive_at_end=alive_at_end,
             rank_key=rank_key,
@@ -306,9 +326,11 @@ class LongTermMemory(nn.Module):
             read_bias=zeros,
             reads=all_states.new_zeros(batch, seq_len, 1),
             visible=no_read,
+            earlier=no_read,
             retrieval=zeros,
             positive=torch.full((batch, seq_len), -1, dtype=torch.long, device=keys.device),
             write_logit=zeros.new_zeros(batch, 0),
+            topk=self.cfg.mem_topk,
             kept=no_read.new_zeros(batch, 0),
             alive_at_end=strength > 0,
             rank_key=_log_strength(strength),
@@ -336,13 +358,7 @@ class LongTermMemory(nn.Module):
         """
         query = F.normalize(self.query(normed).float(), dim=-1)
         retrieval = query @ F.normalize(keys.float(), dim=-1).transpose(1, 2) / RETRIEVAL_TEMPERATURE
-        score = retrieval.masked_fill(~visible, float("-inf"))
-        k = min(self.cfg.mem_topk, keys.shape[1])
-        top_score, top_index = score.topk(k, dim=-1)
-        selected = torch.full_like(score, float("-inf")).scatter(-1, top_index, top_score)
-        reads = visible.any(dim=-1, keepdim=True)
-        # A token that sees no slot reads nothing; a finite row keeps the softmax free of NaNs (its read is zeroed).
-        read_bias = torch.log_softmax(selected.masked_fill(~reads, 0.0), dim=-1)
+        read_bias, reads = _top_k_read(retrieval, visible, self.cfg.mem_topk)
         return retrieval, read_bias, reads.to(normed.dtype)
 
     @torch.no_grad()
@@ -379,7 +395,10 @@ class LongTermMemory(nn.Module):
         for bank in banks:
             alive_key = bank.rank_key.masked_fill(~bank.alive_at_end, float("-inf"))
             k = min(c.mem_capacity, bank.n_slots)
-            top_key, index = alive_key.topk(k, dim=-1)
+            _, index = alive_key.topk(k, dim=-1)
+            # Slots stay in write order (oldest first), so equal strengths still break ties towards the newer slot.
+            index = index.sort(dim=-1).values
+            top_key = alive_key.gather(1, index)
             pad = c.mem_capacity - k
             # Strength as seen by the next chunk: rank_key is log strength as seen by this call's first chunk.
             strength = torch.exp(top_key + bank.n_new * math.log(c.mem_decay))
@@ -451,10 +470,20 @@ class MemoryRead(nn.Module):
         return gate * read * reads.view(*x.shape[:-1], 1).to(read.dtype)
 
 
+def _top_k_read(retrieval: Tensor, candidates: Tensor, topk: int) -> tuple[Tensor, Tensor]:
+    """Each token's read of its candidate slots: the top-k by retrieval logit, as log-probabilities (-inf for the
+    others), and [B, S, 1] whether it reads anything."""
+    score = retrieval.masked_fill(~candidates, float("-inf"))
+    top_score, top_index = score.topk(min(topk, retrieval.shape[-1]), dim=-1)
+    selected = torch.full_like(score, float("-inf")).scatter(-1, top_index, top_score)
+    reads = candidates.any(dim=-1, keepdim=True)
+    # A token that sees no slot reads nothing; a finite row keeps the softmax free of NaNs (its read is zeroed).
+    return torch.log_softmax(selected.masked_fill(~reads, 0.0), dim=-1), reads
+
+
 def _chunk_surprise(surprise: Tensor, n_chunks: int, chunk_size: int) -> Tensor:
-    """1 - exp(-mean CE) per chunk, in [0, 1); 1.0 for a chunk whose surprise is unknown."""
-    mean_ce = surprise.view(surprise.shape[0], n_chunks, chunk_size).nanmean(dim=-1)
-    return (1.0 - torch.exp(-mean_ce.clamp(min=0.0))).nan_to_num(1.0)
+    """The mean token surprise of each chunk, in [0, 1]; 1.0 for a chunk whose surprise is unknown."""
+    return surprise.view(surprise.shape[0], n_chunks, chunk_size).nanmean(dim=-1).nan_to_num(1.0)
 
 
 def _novelty(new_keys: Tensor, prior_keys: Tensor, prior_alive: Tensor) -> Tensor:
@@ -519,15 +548,18 @@ def _read_loss(bank: MemoryBank, scored: Tensor | None) -> Tensor:
 
 def _write_loss(bank: MemoryBank, scored: Tensor | None) -> Tensor:
     """Squared error between each new slot's learned write gate and its (detached) utility."""
-    readers = bank.visible if scored is None else bank.visible & scored[..., None]
-    utility = _utility(bank.read_bias, readers, bank.n_slots - bank.n_new)
+    utility = _utility(bank, scored)
     used = ~utility.isnan()
     error = (torch.sigmoid(bank.write_logit.float()) - utility.nan_to_num(0.0)).square() * used
     return error.sum() / used.sum().clamp(min=1)
 
 
-def _utility(read_bias: Tensor, readers: Tensor, n_prior: int) -> Tensor:
-    """Per new slot, the largest read probability a reader gave it; NaN where no reader could see it."""
-    probability = read_bias.detach().exp() * readers
+def _utility(bank: MemoryBank, scored: Tensor | None) -> Tensor:
+    """Per new slot, the largest share of a later (scored) token's read it gets when nothing of this call is evicted
+    (top-k over every slot written before the reader's chunk); NaN where no such token exists."""
+    read_bias, _ = _top_k_read(bank.retrieval.detach(), bank.earlier, bank.topk)
+    readers = bank.earlier if scored is None else bank.earlier & scored[..., None]
+    n_prior = bank.n_slots - bank.n_new
+    probability = read_bias.exp() * readers
     utility = probability[:, :, n_prior:].amax(dim=1)
     return utility.masked_fill(~readers[:, :, n_prior:].any(dim=1), float("nan"))

@@ -113,7 +113,6 @@ class CognateModel(nn.Module):
         e, rotary = self._embed(input_ids, start=0)
         answer_step = min(cfg.t_infer, n_steps)  # the deepest step inference answers from
         fused = targets is not None  # the loss without materialising logits (see cognate.model.head)
-        surprise_labels = next_token_labels(input_ids) if fused and memory_on else None
         valid = _valid(input_ids, targets)
         n_valid = valid.sum().clamp_min(1)
         h, surprise, logits = e, None, None
@@ -121,7 +120,6 @@ class CognateModel(nn.Module):
         ref_losses, halt_logits, halt_probs, step_ce = [], [], [], []
         for step in range(1, n_steps + 1):
             supervised = step <= answer_step or step > n_steps - cfg.grad_steps
-            needs_head = supervised or memory_on
             with contextlib.nullcontext() if supervised else torch.no_grad():
                 bank = self.memory.build(step, h, surprise, memory_state) if memory_on else None
                 h = self._core(h + e, rotary, bank)
@@ -129,19 +127,15 @@ class CognateModel(nn.Module):
                 if cfg.act_enabled and step < answer_step:
                     halt_logits.append(self.halting(normed))
                     halt_probs.append(torch.sigmoid(halt_logits[-1].detach()))
-                if fused and needs_head:
-                    head = self._head_loss(normed, targets, surprise_labels)
-                elif needs_head:
+                if fused and supervised:
+                    head = self._head_loss(normed, targets)
+                elif supervised:
                     logits = self.lm_head(normed)
             if bank is not None:
                 banks.append(bank)
                 if supervised:
                     grad_banks.append(bank)
-                surprise = (
-                    _surprise_from_label_ce(head.label_ce.view_as(input_ids))
-                    if fused
-                    else token_surprise(logits.detach(), input_ids)
-                )
+                surprise = token_surprise(normed, input_ids, self.lm_head.weight)
             if fused and supervised:
                 ref_losses.append(head.loss_sum / n_valid)
             if fused and step <= answer_step:
@@ -170,26 +164,23 @@ class CognateModel(nn.Module):
         """Evaluation with per-token halting (see the module docstring); with `decode`, the incremental form
         generation uses.
 
-        Each step runs the blocks, the LM head and the halting head only for the tokens still refining (`rows`,
-        indices into the flattened B·S tokens); what a halted token had at its halting step (its CE, its logits,
-        its memory surprise) stays in place. With targets the fused head scores the steps and no logits are
-        materialised.
+        Each step runs the blocks and the halting head only for the tokens still refining (`rows`, indices into the
+        flattened B·S tokens); what a halted token had at its halting step (its state, its CE) stays in place, and
+        its memory surprise and final logits are read from that state. Without targets the LM head runs once, on
+        every token's final state; with targets the fused head scores every step and no logits are materialised.
         """
         cfg = self.cfg
         e, rotary = self._embed(input_ids, start=decode.position if decode else 0)
         fused = targets is not None
         flat_targets = targets.flatten() if fused else None
-        surprise_labels = next_token_labels(input_ids) if fused and memory_on else None
         valid = _valid(input_ids, targets)
         n_valid = valid.sum().clamp_min(1)
         n_tokens = input_ids.numel()
         rows = torch.arange(n_tokens, device=input_ids.device)  # the tokens still refining
         steps = torch.full((n_tokens,), n_steps, dtype=torch.long, device=input_ids.device)
-        # Fused: each token's CE at its latest step, against its target and against its surprise label.
-        token_ce = e.new_zeros(n_tokens, dtype=torch.float32)
-        label_ce = e.new_full((n_tokens,), float("nan"), dtype=torch.float32)
-        h, surprise, logits = e, None, None  # logits: [B·S, V] at each token's latest step, when needed
-        banks, last_logits, halt_probs, step_losses = [], [], [], []
+        token_ce = e.new_zeros(n_tokens, dtype=torch.float32)  # fused: each token's CE at its latest step
+        h, surprise = e, None
+        banks, last_states, halt_probs, step_losses = [], [], [], []
         for step in range(1, n_steps + 1):
             bank = None
             if memory_on:
@@ -202,37 +193,26 @@ class CognateModel(nn.Module):
             h = h.flatten(0, 1).index_copy(0, rows, refined.to(h.dtype)).view_as(h)
             normed = self.norm(refined)
             if fused:
-                labels = surprise_labels[rows] if surprise_labels is not None else None
-                head = fused_linear_cross_entropy(normed, self.lm_head.weight, flat_targets[rows], labels)
+                head = fused_linear_cross_entropy(normed, self.lm_head.weight, flat_targets[rows])
                 token_ce = token_ce.index_copy(0, rows, head.target_ce)
                 step_losses.append(token_ce.view_as(input_ids))
-                if bank is not None:
-                    label_ce = label_ce.index_copy(0, rows, head.label_ce)
-                    surprise = _surprise_from_label_ce(label_ce.view_as(input_ids))
-            elif bank is not None:
-                # Step 1 runs every token, so its logits fill every row; later steps overwrite the rows they ran.
-                new_logits = self.lm_head(normed)
-                logits = new_logits if logits is None else logits.index_copy(0, rows, new_logits)
-                if step < n_steps:  # the surprise the next step's memory writes with
-                    dense = logits.view(*input_ids.shape, -1)
-                    previous = decode.last_logits[step - 1] if decode and decode.last_logits else None
-                    surprise = token_surprise(dense, input_ids, previous)
-                    last_logits.append(dense[:, -1])
+            if bank is not None and step < n_steps:  # the surprise the next step's memory writes with
+                # Every token's latest state: a halted token keeps the one of its halting step.
+                states = self.norm(h)
+                previous = decode.last_states[step - 1] if decode and decode.last_states else None
+                surprise = token_surprise(states, input_ids, self.lm_head.weight, previous)
+                last_states.append(states[:, -1])
             if cfg.act_enabled and step < n_steps and rows.numel():
                 q = torch.sigmoid(self.halting(normed))
                 halt_probs.append(q)
                 stops = q > cfg.act_threshold
                 steps[rows[stops]] = step
                 rows = rows[~stops]
-        if fused:
-            logits = None
-        elif logits is None:  # no memory: one readout of every token's final (for a halted one, frozen) state
-            logits = self.lm_head(self.norm(h))
-        else:
-            logits = logits.view(*input_ids.shape, -1)
+        # One readout of every token's final (for a halted one, frozen) state.
+        logits = None if fused else self.lm_head(self.norm(h))
         if decode is not None:
             decode.position += input_ids.size(1)
-            decode.last_logits = last_logits
+            decode.last_states = last_states
         losses = {"ref": token_ce.sum() / n_valid if fused else _zero(e), "act": _zero(e)}
         mean_halt = torch.cat(halt_probs).mean() if halt_probs else _zero(e)
         steps = steps.view_as(input_ids)
@@ -274,11 +254,9 @@ class CognateModel(nn.Module):
         rotary = Rotary.for_positions(positions, self.cfg.head_dim, self.cfg.rope_theta)
         return self.embed_tokens(input_ids) * self.embed_scale, rotary
 
-    def _head_loss(self, normed: Tensor, targets: Tensor, surprise_labels: Tensor | None):
+    def _head_loss(self, normed: Tensor, targets: Tensor):
         """The fused LM head + CE over [B, S] states (see cognate.model.head)."""
-        return fused_linear_cross_entropy(
-            normed.flatten(0, 1), self.lm_head.weight, targets.flatten(), surprise_labels
-        )
+        return fused_linear_cross_entropy(normed.flatten(0, 1), self.lm_head.weight, targets.flatten())
 
     def _core(
         self,
@@ -336,29 +314,29 @@ class CognateModel(nn.Module):
         return CognateOutput(total, losses, logits, act, memory, memory_state, step_losses)
 
 
-def token_surprise(logits: Tensor, input_ids: Tensor, previous_logits: Tensor | None = None) -> Tensor:
-    """Per-token surprise [B, S]: the CE of predicting input token i from position i - 1 (no labels needed).
+def token_surprise(
+    states: Tensor, input_ids: Tensor, head_weight: Tensor, previous_state: Tensor | None = None
+) -> Tensor:
+    """Per-token surprise [B, S] in [0, 1], from one refinement step's normalised states [B, S, D]: how far the
+    state at position i - 1 points from the LM-head row of the token that came at i,
 
-    The first token is scored against `previous_logits` (the last position of the previous call) when given, else
-    it is unknown (NaN; the memory averages a chunk's surprise over its known tokens). So a chunk's surprise is
-    known as soon as its own tokens are, whether the sequence arrives at once or token by token in generation.
+        surprise_i = (1 - cos(states_{i-1}, W_head[x_i])) / 2.
+
+    It is the true token's logit with the norms and the softmax normaliser left out: 2·D FLOPs per token instead
+    of the full-vocabulary head (2·D·V) that the cross-entropy needs, so no step runs the head only for the memory
+    (docs/memory.md, "Write policy and eviction", measures it against the cross-entropy). The first token is scored
+    against `previous_state` [B, D] (the last position of the previous call) when given, else it is unknown (NaN;
+    the memory averages a chunk's surprise over its known tokens), so a chunk's surprise is the same whether the
+    sequence arrives at once or token by token.
     """
-    later = F.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none").float()
-    if previous_logits is None:
-        first = later.new_full((logits.size(0), 1), float("nan"))
-    else:
-        first = F.cross_entropy(previous_logits, input_ids[:, 0], reduction="none")[:, None].float()
-    return torch.cat((first, later), dim=1).detach()
-
-
-def next_token_labels(input_ids: Tensor) -> Tensor:
-    """labels[:, i] = input_ids[:, i + 1]; the last position has no next token (IGNORE_INDEX)."""
-    return F.pad(input_ids[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
-
-
-def _surprise_from_label_ce(label_ce: Tensor) -> Tensor:
-    """`token_surprise` from the fused head's CE against `next_token_labels`: shifted one position right."""
-    return F.pad(label_ce[:, :-1], (1, 0), value=float("nan"))
+    with torch.no_grad():
+        if previous_state is not None:
+            states = torch.cat([previous_state[:, None].to(states.dtype), states], dim=1)
+        else:
+            states = F.pad(states, (0, 0, 1, 0), value=float("nan"))
+        rows = F.normalize(head_weight[input_ids].float(), dim=-1)
+        alignment = (F.normalize(states[:, :-1].float(), dim=-1) * rows).sum(-1)
+        return (1.0 - alignment) / 2.0
 
 
 def _valid(input_ids: Tensor, targets: Tensor | None) -> Tensor:

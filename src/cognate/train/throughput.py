@@ -78,9 +78,10 @@ def flops_breakdown(model: CognateModel, seq_len: int, *, training: bool = True)
 
     Every refinement step runs the blocks (2 FLOPs per matmul weight, plus attention's two matmuls over the causal
     half of the visible context); the halting head runs on steps 1..t_infer - 1, where it decides. The memory (its
-    reads in every block and the write/read projections) runs whenever it is enabled, at every length. Training supervises steps 1..t_infer and the last grad_steps: each costs 3x its forward with the LM head;
-    the steps in between run under no_grad and cost one forward, with the LM head only when the memory needs its
-    surprise. Inference counts every step for every token: halting can only lower it.
+    reads in every block and the write/read projections) runs whenever it is enabled, at every length; its write
+    surprise needs no LM head (cognate.model.model.token_surprise). Training supervises steps 1..t_infer and the last
+    grad_steps: each costs 3x its forward with the LM head; the steps in between run under no_grad and cost one
+    forward without it. Inference counts every step for every token: halting can only lower it.
     """
     cfg = model.cfg
     memory_on = cfg.mem_enabled
@@ -107,5 +108,5 @@ def flops_breakdown(model: CognateModel, seq_len: int, *, training: bool = True)
         "no_grad_step_blocks": unsupervised * blocks,
         "halting": 3 * halting,
         "memory": (3 * supervised + unsupervised) * memory,
-        "lm_head": 3 * supervised * head + (unsupervised * head if memory_on else 0.0),
+        "lm_head": 3 * supervised * head,
     }
