@@ -346,8 +346,10 @@ def test_torchrun_two_processes_resume_after_a_kill_where_they_stopped(data_dir,
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         arguments = cli_args(data_dir, ddp, steps, grad_accum=2)[3:]
-        return [
-            "torchrun",
+        return [  # torchrun of this interpreter, as in the test above
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
             "--nproc_per_node=2",
             f"--master_port={port}",
             "-m",
@@ -427,3 +429,102 @@ def test_validation_reports_the_loss_after_each_step_and_the_spread_of_halting(d
         ).double()
     assert row["val_act_mean_steps"] == pytest.approx(steps.mean().item())
     assert row["val_act_var_steps"] == pytest.approx(steps.var(unbiased=False).item()) and steps.var() > 0
+
+
+class _Killed(Exception):
+    """Stands in for a SIGKILL: raised out of the training loop at a chosen moment."""
+
+
+def _kill_after_logging(monkeypatch, step: int) -> None:
+    """The run dies right after writing the log row of `step` (before that step's checkpoint, if it has one)."""
+    log = trainer.MetricsLog.log
+
+    def log_then_die(self, row):
+        log(self, row)
+        if row["step"] == step:
+            raise _Killed
+
+    monkeypatch.setattr(trainer.MetricsLog, "log", log_then_die)
+
+
+def _record_training_steps(monkeypatch) -> list[dict]:
+    """Each training micro-batch's input ids and the RNG state it starts from, as the model sees them."""
+    forward, seen = trainer.CognateModel.forward, []
+
+    def recording(self, input_ids, *args, **kwargs):
+        if self.training and torch.is_grad_enabled():  # not the checkpoint's no_grad soundness check
+            seen.append({"input_ids": input_ids.tolist(), "rng": torch.get_rng_state().tolist()})
+        return forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.CognateModel, "forward", recording)
+    return seen
+
+
+def test_an_in_process_resume_continues_where_the_checkpoint_stopped_as_an_uninterrupted_run_does(
+    data_dir, tmp_path, monkeypatch
+):
+    """A run killed between checkpoints and resumed trains on the same micro-batches, from the same RNG state
+    (dropout draws from it), with the same optimizer state and schedule position, as an uninterrupted run, and
+    its log, summary, best model and final checkpoint are that run's. A resume that silently restarted from
+    scratch, or restored only part of the state, gives other batches, losses or weights."""
+    cfg = model_config(data_dir).replace(dropout=0.1)
+    config = TrainConfig(**{**TRAIN, "max_steps": 8, "checkpoint_interval": 3, "eval_interval": 2})
+    seen = _record_training_steps(monkeypatch)
+    straight = trainer.train(cfg, config, data_dir, tmp_path / "straight", _single())
+    straight_steps = list(seen)
+
+    seen.clear()
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        _kill_after_logging(patch, 5)  # checkpoint at step 3; steps 4 and 5 are lost
+        with pytest.raises(_Killed):
+            trainer.train(cfg, config, data_dir, run, _single())
+    assert checkpoint.load(run / trainer.CHECKPOINT)["progress"]["step"] == 3
+    seen.clear()
+    resumed = trainer.train(cfg, config, data_dir, run, _single(), resume=True)
+
+    assert seen == straight_steps[3 * TRAIN["grad_accum"] :]  # batches and RNG of steps 4..8, in order
+    assert losses(run) == losses(tmp_path / "straight") and sorted(losses(run)) == list(range(1, 9))
+    assert {k: v for k, v in resumed.items() if k != "wall_time_s"} == {
+        k: v for k, v in straight.items() if k != "wall_time_s"
+    }
+    for name in (trainer.CHECKPOINT, trainer.BEST_MODEL):
+        ours, theirs = checkpoint.load(run / name), checkpoint.load(tmp_path / "straight" / name)
+        assert_same_state(ours, theirs, skip={"elapsed_s"})
+
+
+def assert_same_state(ours, theirs, skip=frozenset(), path="state") -> None:
+    """Two nested checkpoint states hold the same values, tensors bit for bit (keys in `skip` not compared)."""
+    if isinstance(ours, dict):
+        assert set(ours) == set(theirs), path
+        for key in ours:
+            if key not in skip:
+                assert_same_state(ours[key], theirs[key], skip, f"{path}.{key}")
+    elif isinstance(ours, list | tuple):
+        assert len(ours) == len(theirs), path
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            assert_same_state(a, b, skip, f"{path}[{i}]")
+    elif isinstance(ours, torch.Tensor):
+        assert torch.equal(ours, theirs), path
+    else:
+        assert ours == theirs, path
+
+
+def test_a_resume_brings_a_new_time_budget_but_not_past_another_stop(data_dir, tmp_path):
+    """A run stopped by its time budget continues when resumed (a new invocation, a new budget); one stopped by
+    early stopping stays stopped; resuming a folder without a checkpoint starts the run."""
+    timed = TrainConfig(**{**TRAIN, "max_steps": 6, "max_minutes": 0.0})  # out of time after every step
+    run = tmp_path / "timed"
+    first = trainer.train(model_config(data_dir), timed, data_dir, run, _single(), resume=True)
+    assert first["stop_reason"] == "time budget reached" and first["steps"] == 1
+    second = trainer.train(model_config(data_dir), timed, data_dir, run, _single(), resume=True)
+    assert second["stop_reason"] == "time budget reached" and second["steps"] == 2
+
+    plateau = TrainConfig(
+        **{**TRAIN, "max_steps": 6, "eval_interval": 1, "patience": 1, "lr": 0.0, "muon_lr": 0.0}
+    )
+    run = tmp_path / "plateau"
+    stopped = trainer.train(model_config(data_dir), plateau, data_dir, run, _single())
+    assert stopped["stop_reason"].startswith("early stopping") and stopped["steps"] == 2
+    again = trainer.train(model_config(data_dir), plateau, data_dir, run, _single(), resume=True)
+    assert again["stop_reason"] == stopped["stop_reason"] and again["steps"] == 2
