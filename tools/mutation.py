@@ -150,6 +150,9 @@ def run_mutmut(scratch: Path, max_children: int) -> None:
         "HF_DATASETS_OFFLINE": "1",
         # Subprocesses the tests start (the CLI, torchrun) import the mutated copy too.
         "PYTHONPATH": str(scratch / "mutants" / "src"),
+        # The built-in curriculum the trainer tests use, prepared once instead of in every mutant's session (no
+        # module in the table prepares data, so no mutant changes it).
+        "COGNATE_TEST_BUILTIN_DATA": str(scratch / "builtin_data"),
     }
     # The folder must exist before Python starts, or the import system caches it as absent and the tests import
     # the unmutated package (an editable install) instead.
