@@ -4,7 +4,8 @@
 
 For each setup this machine supports (with namespaces, and without them): the median wall time of `--runs` runs
 of `run_untrusted("pass")` after one warm-up, next to a bare `python -I -S -c pass`; then, with `--mbpp`, every
-reference solution through `check_mbpp_solution` on two threads: how many pass and the wall time per problem.
+reference solution through `check_mbpp_solution` on two threads: how many pass (and the task ids that fail) and
+the wall time per problem.
 Prints one JSON object.
 """
 
@@ -42,10 +43,11 @@ def mbpp_references(path: Path) -> dict:
 
     start = time.perf_counter()
     with ThreadPoolExecutor(2) as pool:
-        passed = sum(pool.map(check, problems))
+        passed = list(pool.map(check, problems))
     return {
         "problems": len(problems),
-        "passed": passed,
+        "passed": sum(passed),
+        "failed_task_ids": [p["task_id"] for p, ok in zip(problems, passed) if not ok],
         "ms_per_problem": round(1e3 * (time.perf_counter() - start) / len(problems), 1),
     }
 

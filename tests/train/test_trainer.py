@@ -528,3 +528,23 @@ def test_a_resume_brings_a_new_time_budget_but_not_past_another_stop(data_dir, t
     assert stopped["stop_reason"].startswith("early stopping") and stopped["steps"] == 2
     again = trainer.train(model_config(data_dir), plateau, data_dir, run, _single(), resume=True)
     assert again["stop_reason"] == stopped["stop_reason"] and again["steps"] == 2
+
+
+def test_rank_0_decides_whether_to_resume_and_a_rank_that_cannot_see_its_checkpoint_stops(tmp_path):
+    """docs/pipeline.md: on --resume rank 0 decides and broadcasts; a rank that cannot see the checkpoint stops
+    the run with an error saying the folder must be shared. Another rank is simulated: `from_main` gives rank 0's
+    view, `all_true` the other ranks' (rank 0's own is true whenever it decided to resume)."""
+    from types import SimpleNamespace
+
+    with_checkpoint, without = tmp_path / "with", tmp_path / "without"
+    with_checkpoint.mkdir(), without.mkdir()
+    checkpoint.save_atomic({"step": 1}, with_checkpoint / trainer.CHECKPOINT)
+
+    def rank(main_sees_one: bool):
+        return SimpleNamespace(from_main=lambda flag: main_sees_one, all_true=lambda flag: flag)
+
+    assert trainer._checkpoint_to_resume(with_checkpoint, rank(True)) is True
+    assert trainer._checkpoint_to_resume(without, rank(False)) is False
+    assert trainer._checkpoint_to_resume(with_checkpoint, rank(False)) is False  # rank 0 has none: start afresh
+    with pytest.raises(trainer.RunFolderError, match="file system every node shares"):
+        trainer._checkpoint_to_resume(without, rank(True))
