@@ -2,7 +2,7 @@
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/attention_kernels.py
 
-One torch thread, q/k/v of [8, 4, 512, 32] (batch, heads, sequence, head_dim), best of 5 after 2 untimed runs:
+One torch thread, q/k/v of [8, 4, 512, 32] (batch, heads, sequence, head_dim), best of 7 after 2 untimed runs:
 causal attention through `scaled_dot_product_attention` and through `MaterializedAttention` (two batched matmuls
 around one compiled softmax), in fp32 and bf16; and the sliding-window blocks ([8·4, 16, 128, 32] queries against
 640 keys, window 512, fp32) through SDPA with the 4-D band mask the model passes and with a 3-D one. Prints one
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from cognate.model.layers import MaterializedAttention
 
 SHAPE = (8, 4, 512, 32)
-REPEATS, WARMUP = 5, 2
+REPEATS, WARMUP = 7, 2
 
 
 def best_ms(attention, dtype: torch.dtype, q_shape=SHAPE, kv_shape=SHAPE) -> float:

@@ -8,6 +8,7 @@ test files, runs it with OMP_NUM_THREADS=1 at low priority, and prints the score
     python tools/mutation.py                            # every module in the table
     python tools/mutation.py src/cognate/optim/muon.py  # one
     python tools/mutation.py --survivors ...            # also print each surviving mutant's diff
+    python tools/mutation.py --again ...                # after new tests: run the last run's survivors again
 
 The score is (killed + timeout) / all mutants: a mutant that no selected test runs ("no tests") counts as a
 survivor, a timeout as killed (as mutmut counts it). Equivalent survivors are judged by hand and listed in
@@ -142,7 +143,15 @@ def prepare_scratch(
     (scratch / "setup.cfg").write_text("\n".join(lines) + "\n")
 
 
-def run_mutmut(scratch: Path, max_children: int) -> None:
+def refresh_tests(scratch: Path) -> None:
+    """The current tests/ into a scratch folder of an earlier run (and its mutants/ copy, which mutmut runs)."""
+    for folder in (scratch / "tests", scratch / "mutants" / "tests"):
+        shutil.copytree(
+            ROOT / "tests", folder, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True
+        )
+
+
+def run_mutmut(scratch: Path, max_children: int, mutants: list[str] = ()) -> None:
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -158,6 +167,7 @@ def run_mutmut(scratch: Path, max_children: int) -> None:
     # the unmutated package (an editable install) instead.
     (scratch / "mutants" / "src").mkdir(parents=True, exist_ok=True)
     command = ["nice", "-n", "15", sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)]
+    command += mutants  # named mutants are run again even when they have a result
     subprocess.run(command, cwd=scratch, env=env, check=True)
 
 
@@ -195,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-children", type=int, default=1)
     parser.add_argument("--survivors", action="store_true", help="print the diff of every surviving mutant")
     parser.add_argument("--json", type=Path, help="also write the table here")
+    parser.add_argument(
+        "--again",
+        action="store_true",
+        help="keep the scratch folder of the last run, take the current tests, and run only its survivors again",
+    )
     args = parser.parse_args(argv)
     table = modules_table()
     unknown = [m for m in args.modules if m not in table]
@@ -205,8 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     for module in args.modules or list(table):
         scratch = args.scratch / module.replace("/", "_").removesuffix(".py")
         entry = table[module]
-        prepare_scratch(module, entry["tests"], scratch, entry.get("functions"), entry.get("keyword"))
-        run_mutmut(scratch, args.max_children)
+        if args.again and scratch.exists():
+            refresh_tests(scratch)
+            again = sorted(n for n, s in results(scratch).items() if s in ("survived", "no tests"))
+            if again:
+                run_mutmut(scratch, args.max_children, again)
+        else:
+            prepare_scratch(module, entry["tests"], scratch, entry.get("functions"), entry.get("keyword"))
+            run_mutmut(scratch, args.max_children)
         statuses = results(scratch)
         counts = Counter(statuses.values())
         total = sum(counts.values())

@@ -545,6 +545,28 @@ def test_rank_0_decides_whether_to_resume_and_a_rank_that_cannot_see_its_checkpo
 
     assert trainer._checkpoint_to_resume(with_checkpoint, rank(True)) is True
     assert trainer._checkpoint_to_resume(without, rank(False)) is False
-    assert trainer._checkpoint_to_resume(with_checkpoint, rank(False)) is False  # rank 0 has none: start afresh
+    assert (
+        trainer._checkpoint_to_resume(with_checkpoint, rank(False)) is False
+    )  # rank 0 has none: start afresh
     with pytest.raises(trainer.RunFolderError, match="file system every node shares"):
         trainer._checkpoint_to_resume(without, rank(True))
+
+
+def test_a_run_folder_compares_every_setting_as_stored_but_not_the_measured_precision(tmp_path):
+    """A setting only one of the two configs has is a difference; a tuple equals the list it is stored as; the
+    measured precision may differ (another machine); a folder without a checkpoint needs no --resume."""
+    run = tmp_path / "runs" / "new" / "run"  # parent folders made as needed
+    settings = {"model": {"d": 8}, "train": {"prompts": ("a", "b")}, "precision": {"bf16": False}}
+    trainer.prepare_run_dir(run, settings, resume=False, overwrite=False)
+    trainer.prepare_run_dir(run, {**settings, "precision": {"bf16": True}}, resume=False, overwrite=False)
+    with pytest.raises(trainer.RunFolderError, match=r"differs in: data\)"):
+        trainer.prepare_run_dir(run, {**settings, "data": "/elsewhere"}, resume=True, overwrite=False)
+    without_model = {k: v for k, v in settings.items() if k != "model"}
+    with pytest.raises(trainer.RunFolderError) as refused:
+        trainer.prepare_run_dir(run, {**without_model, "data": "/elsewhere"}, resume=True, overwrite=False)
+    assert str(refused.value) == (
+        f"{run} holds a run with a different config (differs in: data, model); "
+        "pass --overwrite to replace it or choose another folder"
+    )
+    stored = json.loads((run / trainer.RUN_CONFIG).read_text())
+    assert stored == {"model": {"d": 8}, "train": {"prompts": ["a", "b"]}, "precision": {"bf16": True}}
