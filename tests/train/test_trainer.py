@@ -400,9 +400,31 @@ def test_auto_precision_is_measured_recorded_and_kept_by_a_resumed_run(
     fake_peaks(0.87e12, 0.20e12)
     resumed = trainer.train(model_config(data_dir), config, data_dir, run, _single(), resume=True)
     assert resumed["precision"]["precision"] == "fp32" and resumed["steps"] == 2
+    # Its peaks are this machine's, measured anew (MFU against the fp32 peak here), and it is still "auto".
+    assert resumed["precision"]["setting"] == "auto" and resumed["peak_flops"] == 0.20e12
+    assert (resumed["precision"]["bf16_peak_flops"], resumed["precision"]["fp32_peak_flops"]) == (
+        0.87e12,
+        0.20e12,
+    )
     # A fresh run there takes bf16.
     fresh = trainer.train(model_config(data_dir), config, data_dir, tmp_path / "fresh", _single())
     assert fresh["precision"]["precision"] == "bf16" and fresh["peak_flops"] == 0.87e12
+
+
+def test_auto_precision_takes_bf16_only_where_every_process_measured_it_faster(monkeypatch):
+    """docs/speed.md: under DDP every process measures, and bf16 is used only if all agree. Another process that
+    measured fp32 faster is simulated by `all_true`."""
+    from types import SimpleNamespace
+
+    from cognate.train import precision
+
+    peaks = {torch.bfloat16: 0.87e12, torch.float32: 0.20e12}  # bf16 clearly faster here
+    monkeypatch.setattr(precision, "measure_matmul_flops", lambda dtype, device: peaks[dtype])
+    alone = SimpleNamespace(device=torch.device("cpu"), all_true=lambda flag: flag)
+    outvoted = SimpleNamespace(device=torch.device("cpu"), all_true=lambda flag: False)
+    assert trainer._run_precision("auto", None, alone).bf16 is True
+    chosen = trainer._run_precision("auto", None, outvoted)
+    assert chosen.bf16 is False and chosen.peak_flops == 0.20e12 and chosen.setting == "auto"
 
 
 def test_validation_reports_the_loss_after_each_step_and_the_spread_of_halting(data_dir):
