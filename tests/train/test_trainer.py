@@ -266,7 +266,7 @@ def test_a_run_folder_with_another_config_is_refused(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_an_update_that_breaks_the_weights_never_overwrites_the_last_good_checkpoint(
-    data_dir, tmp_path, monkeypatch
+    data_dir, tmp_path, monkeypatch, capsys
 ):
     # The third update is finite (loss and gradient norm were computed before it) but leaves weights of 1e30, as
     # lr=1e30 does: every later loss is non-finite.
@@ -293,6 +293,10 @@ def test_an_update_that_breaks_the_weights_never_overwrites_the_last_good_checkp
     with pytest.raises(trainer.NonFiniteTrainingError) as raised:
         trainer.train(model_config(data_dir), config, data_dir, run, _single())
     assert f"{run / trainer.CHECKPOINT} (step 2)" in str(raised.value)
+    assert (
+        f"step 3: the weights, or the loss at them, are not finite; not saving them over {run / trainer.CHECKPOINT}"
+        in capsys.readouterr().out
+    )
     saved = checkpoint.load(run / trainer.CHECKPOINT)
     assert saved["progress"]["step"] == 2
     assert all(t.abs().max() < 1e3 for t in saved["model"].values() if t.is_floating_point())
@@ -488,25 +492,37 @@ def test_an_in_process_resume_continues_where_the_checkpoint_stopped_as_an_unint
     """A run killed between checkpoints and resumed trains on the same micro-batches, from the same RNG state
     (dropout draws from it), with the same optimizer state and schedule position, as an uninterrupted run, and
     its log, summary, best model and final checkpoint are that run's. A resume that silently restarted from
-    scratch, or restored only part of the state, gives other batches, losses or weights."""
+    scratch, or restored only part of the state, gives other batches, losses or weights. Writing checkpoints
+    changes nothing either (their soundness check runs the model without drawing from the RNG), and the elapsed
+    time adds up over the two invocations."""
     cfg = model_config(data_dir).replace(dropout=0.1)
     config = TrainConfig(**{**TRAIN, "max_steps": 8, "checkpoint_interval": 3, "eval_interval": 2})
     seen = _record_training_steps(monkeypatch)
     straight = trainer.train(cfg, config, data_dir, tmp_path / "straight", _single())
     straight_steps = list(seen)
+    trainer.train(cfg, config.replace(checkpoint_interval=1), data_dir, tmp_path / "every_step", _single())
+    assert losses(tmp_path / "every_step") == losses(tmp_path / "straight")
 
     seen.clear()
     run = tmp_path / "run"
+    started = time.perf_counter()
     with monkeypatch.context() as patch:
         _kill_after_logging(patch, 5)  # checkpoint at step 3; steps 4 and 5 are lost
         with pytest.raises(_Killed):
             trainer.train(cfg, config, data_dir, run, _single())
-    assert checkpoint.load(run / trainer.CHECKPOINT)["progress"]["step"] == 3
+    killed_after = time.perf_counter() - started
+    saved = checkpoint.load(run / trainer.CHECKPOINT)["progress"]
+    assert saved["step"] == 3 and 0 < saved["elapsed_s"] < killed_after
     seen.clear()
+    started = time.perf_counter()
     resumed = trainer.train(cfg, config, data_dir, run, _single(), resume=True)
+    resumed_for = time.perf_counter() - started
 
     assert seen == straight_steps[3 * TRAIN["grad_accum"] :]  # batches and RNG of steps 4..8, in order
     assert losses(run) == losses(tmp_path / "straight") and sorted(losses(run)) == list(range(1, 9))
+    elapsed = [json.loads(line)["elapsed_s"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(saved["elapsed_s"] < e < saved["elapsed_s"] + resumed_for for e in elapsed[3:])
+    assert saved["elapsed_s"] < resumed["wall_time_s"] < saved["elapsed_s"] + resumed_for
     assert {k: v for k, v in resumed.items() if k != "wall_time_s"} == {
         k: v for k, v in straight.items() if k != "wall_time_s"
     }
