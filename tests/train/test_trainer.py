@@ -586,8 +586,12 @@ def test_rank_0_decides_whether_to_resume_and_a_rank_that_cannot_see_its_checkpo
     assert (
         trainer._checkpoint_to_resume(with_checkpoint, rank(False)) is False
     )  # rank 0 has none: start afresh
-    with pytest.raises(trainer.RunFolderError, match="file system every node shares"):
+    with pytest.raises(trainer.RunFolderError) as stopped:
         trainer._checkpoint_to_resume(without, rank(True))
+    assert str(stopped.value) == (
+        f"rank 0 resumes from {without / trainer.CHECKPOINT} but another rank cannot see it: "
+        "the run folder must be on a file system every node shares"
+    )
 
 
 def test_a_run_folder_compares_every_setting_as_stored_but_not_the_measured_precision(tmp_path):
