@@ -1,5 +1,6 @@
 """Fixtures shared by the whole suite."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,9 +14,14 @@ from cognate.data.prepare import PrepareConfig, prepare
 
 @pytest.fixture(scope="session")
 def builtin_data(tmp_path_factory) -> Path:
-    """The built-in synthetic curriculum, prepared once into short 64- and long 256-token rows."""
-    out = tmp_path_factory.mktemp("builtin") / "data"
-    prepare(PrepareConfig(out=out, builtin=True, short_len=64, long_len=256), log=lambda _: None)
+    """The built-in synthetic curriculum, prepared once into short 64- and long 256-token rows.
+
+    With $COGNATE_TEST_BUILTIN_DATA set, it is prepared there once and reused by later sessions (preparing is
+    deterministic): tools/mutation.py sets it, so that each mutant's test session skips the preparation."""
+    cache = os.environ.get("COGNATE_TEST_BUILTIN_DATA")
+    out = Path(cache) if cache else tmp_path_factory.mktemp("builtin") / "data"
+    if not (out / "manifest.json").exists():
+        prepare(PrepareConfig(out=out, builtin=True, short_len=64, long_len=256), log=lambda _: None)
     return out
 
 

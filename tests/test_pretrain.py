@@ -177,6 +177,16 @@ def test_heldout_accuracy_scores_next_token_predictions_of_the_solution(pretrain
     assert heldout_solution_accuracy(_Oracle(vocab, 0), data, contextlib.nullcontext) < 0.2
 
 
+def test_an_untrained_model_predicts_almost_none_of_the_solution_tokens(pretrained):
+    # README: the seeds predict about 40% of the worked-solution tokens exactly, "an untrained model gets ~0".
+    from cognate.pretrain import heldout_solution_accuracy
+
+    plan, data, _, _, _ = pretrained
+    torch.manual_seed(0)
+    untrained = CognateModel(get_preset("tiny").replace(vocab_size=plan.model.vocab_size))
+    assert heldout_solution_accuracy(untrained, data, contextlib.nullcontext) < 0.02
+
+
 def test_a_rerun_resumes_an_unfinished_seed_from_its_checkpoint(pretrained, tmp_path, monkeypatch):
     # Seeds 1 and 3 and the shared warm-up are copied finished; seed 2 dies at its last update, after the last
     # checkpoint (every 2 updates). The re-run must do the updates after that checkpoint only, and end on the

@@ -8,6 +8,7 @@ test files, runs it with OMP_NUM_THREADS=1 at low priority, and prints the score
     python tools/mutation.py                            # every module in the table
     python tools/mutation.py src/cognate/optim/muon.py  # one
     python tools/mutation.py --survivors ...            # also print each surviving mutant's diff
+    python tools/mutation.py --again ...                # after new tests: run the last run's survivors again
 
 The score is (killed + timeout) / all mutants: a mutant that no selected test runs ("no tests") counts as a
 survivor, a timeout as killed (as mutmut counts it). Equivalent survivors are judged by hand and listed in
@@ -18,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tokenize
 from collections import Counter
 from pathlib import Path
 
@@ -31,11 +34,17 @@ STATUS_BY_EXIT_CODE = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 3
 STATUS_BY_EXIT_CODE.update({24: "timeout", 36: "timeout", 152: "timeout", 255: "timeout", -24: "timeout"})
 
 
-def modules_table() -> dict[str, list[str]]:
+def modules_table() -> dict[str, dict[str, list[str]]]:
+    """Module -> {"tests": its test files, "functions": the part of it to mutate (absent: all of it), "keyword":
+    pytest's -k expression selecting among the tests (absent: all)}.
+
+    A module's entry is its list of test files, or a table with `tests`, `functions` (top-level functions and
+    classes by name, methods as "Class.method") where only a path through the module is in scope, and `keyword`."""
     import tomllib  # Python 3.11+, like mutmut 3's own configuration reader
 
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    return pyproject["tool"]["cognate"]["mutation"]
+    table = pyproject["tool"]["cognate"]["mutation"]
+    return {module: entry if isinstance(entry, dict) else {"tests": entry} for module, entry in table.items()}
 
 
 def undecorate_no_grad(source: str) -> str:
@@ -55,21 +64,77 @@ def undecorate_no_grad(source: str) -> str:
     return "".join(lines)
 
 
-def prepare_scratch(module: str, tests: list[str], scratch: Path) -> None:
-    """A copy of src/, tests/ and pyproject.toml with a setup.cfg that scopes mutmut to `module` and `tests`."""
+def header_lines(source: str) -> dict[int, int]:
+    """For every def and class statement: the line it starts on -> the line of the colon that ends its header."""
+    ends, depth, opened = {}, 0, None
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.NAME and token.string in ("def", "class") and opened is None and depth == 0:
+            opened = token.start[0]
+        elif token.type == tokenize.OP and token.string in "([{":
+            depth += 1
+        elif token.type == tokenize.OP and token.string in ")]}":
+            depth -= 1
+        elif token.type == tokenize.OP and token.string == ":" and depth == 0 and opened is not None:
+            ends[opened], opened = token.start[0], None
+    return ends
+
+
+def scope_to_functions(source: str, functions: list[str]) -> str:
+    """`source` with every top-level function, class and method outside `functions` marked `# pragma: no mutate
+    block` (mutmut then neither mutates nor wraps it): mutation testing of one path through a module."""
+    tree, ends = ast.parse(source), header_lines(source)
+    definitions = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    excluded = []
+    for node in tree.body:
+        if not isinstance(node, definitions) or node.name in functions:
+            continue
+        methods = {f.removeprefix(f"{node.name}.") for f in functions if f.startswith(f"{node.name}.")}
+        if isinstance(node, ast.ClassDef) and methods:
+            excluded += [m for m in node.body if isinstance(m, definitions) and m.name not in methods]
+        else:
+            excluded.append(node)
+    found = {n.name for n in tree.body if isinstance(n, definitions)} | {
+        f"{n.name}.{m.name}"
+        for n in tree.body
+        if isinstance(n, ast.ClassDef)
+        for m in n.body
+        if isinstance(m, definitions)
+    }
+    if missing := sorted(set(functions) - found):
+        raise SystemExit(
+            f"error: [tool.cognate.mutation] names functions the module does not have: {missing}"
+        )
+    lines = source.splitlines(keepends=True)
+    for node in excluded:
+        line = ends[node.lineno] - 1  # ast's lineno is the def/class keyword's, after any decorators
+        lines[line] = lines[line].rstrip("\n") + "  # pragma: no mutate block\n"
+    return "".join(lines)
+
+
+def prepare_scratch(
+    module: str,
+    tests: list[str],
+    scratch: Path,
+    functions: list[str] | None = None,
+    keyword: str | None = None,
+) -> None:
+    """A copy of src/, tests/ and pyproject.toml with a setup.cfg that scopes mutmut to `module` (or to its
+    `functions`) and `tests` (or those of them that pytest's `-k keyword` selects)."""
     if scratch.exists():
         shutil.rmtree(scratch)
     scratch.mkdir(parents=True)
     for folder in ("src", "tests"):
         shutil.copytree(ROOT / folder, scratch / folder, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", scratch / "pyproject.toml")
-    (scratch / module).write_text(undecorate_no_grad((ROOT / module).read_text()))
+    source = undecorate_no_grad((ROOT / module).read_text())
+    (scratch / module).write_text(scope_to_functions(source, functions) if functions else source)
     lines = [
         "[mutmut]",
         "source_paths = src",
         f"only_mutate = {module}",
         "pytest_add_cli_args_test_selection =",
         *(f"    {test}" for test in tests),
+        *(["    -k", f"    {keyword}"] if keyword else []),
         "pytest_add_cli_args =",
         "    -p",
         "    no:cacheprovider",
@@ -78,7 +143,15 @@ def prepare_scratch(module: str, tests: list[str], scratch: Path) -> None:
     (scratch / "setup.cfg").write_text("\n".join(lines) + "\n")
 
 
-def run_mutmut(scratch: Path, max_children: int) -> None:
+def refresh_tests(scratch: Path) -> None:
+    """The current tests/ into a scratch folder of an earlier run (and its mutants/ copy, which mutmut runs)."""
+    for folder in (scratch / "tests", scratch / "mutants" / "tests"):
+        shutil.copytree(
+            ROOT / "tests", folder, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True
+        )
+
+
+def run_mutmut(scratch: Path, max_children: int, mutants: list[str] = ()) -> None:
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -86,11 +159,15 @@ def run_mutmut(scratch: Path, max_children: int) -> None:
         "HF_DATASETS_OFFLINE": "1",
         # Subprocesses the tests start (the CLI, torchrun) import the mutated copy too.
         "PYTHONPATH": str(scratch / "mutants" / "src"),
+        # The built-in curriculum the trainer tests use, prepared once instead of in every mutant's session (no
+        # module in the table prepares data, so no mutant changes it).
+        "COGNATE_TEST_BUILTIN_DATA": str(scratch / "builtin_data"),
     }
     # The folder must exist before Python starts, or the import system caches it as absent and the tests import
     # the unmutated package (an editable install) instead.
     (scratch / "mutants" / "src").mkdir(parents=True, exist_ok=True)
-    command = ["nice", "-n", "10", sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)]
+    command = ["nice", "-n", "15", sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)]
+    command += mutants  # named mutants are run again even when they have a result
     subprocess.run(command, cwd=scratch, env=env, check=True)
 
 
@@ -128,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-children", type=int, default=1)
     parser.add_argument("--survivors", action="store_true", help="print the diff of every surviving mutant")
     parser.add_argument("--json", type=Path, help="also write the table here")
+    parser.add_argument(
+        "--again",
+        action="store_true",
+        help="keep the scratch folder of the last run, take the current tests, and run only its survivors again",
+    )
     args = parser.parse_args(argv)
     table = modules_table()
     unknown = [m for m in args.modules if m not in table]
@@ -137,8 +219,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for module in args.modules or list(table):
         scratch = args.scratch / module.replace("/", "_").removesuffix(".py")
-        prepare_scratch(module, table[module], scratch)
-        run_mutmut(scratch, args.max_children)
+        entry = table[module]
+        if args.again and scratch.exists():
+            refresh_tests(scratch)
+            again = sorted(n for n, s in results(scratch).items() if s in ("survived", "no tests"))
+            if again:
+                run_mutmut(scratch, args.max_children, again)
+        else:
+            prepare_scratch(module, entry["tests"], scratch, entry.get("functions"), entry.get("keyword"))
+            run_mutmut(scratch, args.max_children)
         statuses = results(scratch)
         counts = Counter(statuses.values())
         total = sum(counts.values())

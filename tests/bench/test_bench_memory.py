@@ -177,8 +177,11 @@ def test_scaling_prints_seconds_per_token_per_length(capsys):
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out.strip())
     assert set(result["seconds_per_token"]) == {"64", "128"}
-    assert all(seconds > 0 for seconds in result["seconds_per_token"].values())
-    assert result["ratio_128_to_64"] > 0
+    seconds = result["seconds_per_token"]
+    assert all(value > 0 for value in seconds.values())
+    # The ratio is the longest length's cost over the shortest's. Whether it stays near 1 is timing on a shared
+    # machine; test_training_cost_per_token_stays_flat_with_length checks the property by counting FLOPs.
+    assert result["ratio_128_to_64"] == pytest.approx(seconds["128"] / seconds["64"], abs=5e-4)  # 3 places
     carried = result["carried_segments"]  # 128 tokens read as two segments of 64, the memory carried
     assert (carried["length"], carried["segment"]) == (128, 64) and carried["ratio_to_64"] > 0
 

@@ -29,6 +29,22 @@ def test_cognate_25m_lands_in_the_target_range_with_the_seed_architecture():
     assert breakdown["memory"] > 0 and breakdown["act_head"] > 0
 
 
+def test_the_parameter_budget_is_the_table_of_docs_architecture():
+    # docs/architecture.md, "Parameter budget": every row of the cognate-25m table, and tiny's total with a 32k
+    # vocabulary.
+    model = _meta_model(get_preset("cognate-25m"))
+    assert parameter_breakdown(model) == {
+        "embeddings": 6_912_000,
+        "blocks": 8_211_456,
+        "norms": 4_968,
+        "memory": 3_013_849,
+        "act_head": 20_057,
+        "lm_head": 6_912_000,
+    }
+    assert total_parameters(model) == 25_074_330
+    assert total_parameters(_meta_model(get_preset("tiny").replace(vocab_size=32_000))) == 9_541_818
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_builds_and_its_breakdown_sums_to_the_total(name):
     model = _meta_model(get_preset(name))

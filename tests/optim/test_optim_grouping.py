@@ -4,6 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+from cognate.model.config import get_preset
+from cognate.model.model import CognateModel
 from cognate.optim import GROUP_NAMES, group_parameters
 
 
@@ -67,3 +69,19 @@ def test_assign_hook_overrides_the_rule():
     with pytest.raises(ValueError, match=r"up\.weight"):
         group_parameters(Toy(), assign=lambda name, p: "sgd" if name == "up.weight" else None)
     assert set(groups) == set(GROUP_NAMES)
+
+
+def test_the_tiny_preset_groups_as_docs_optim_states():
+    # docs/optim.md, "Which parameters go where": Muon 44 matrices (1.35M parameters); AdamW the embeddings, the
+    # head and three 1 x d heads (8.19M); 21 one-dimensional tensors without decay.
+    with torch.device("meta"):
+        model = CognateModel(get_preset("tiny").replace(vocab_size=32_000))
+    groups = group_parameters(model)
+    count = {name: (len(params), sum(p.numel() for p in params.values())) for name, params in groups.items()}
+    assert count == {"muon": (44, 1_347_072), "adamw": (5, 8_192_348), "adamw_no_decay": (21, 2_398)}
+    assert all(p.dim() == 1 for p in groups["adamw_no_decay"].values())
+    assert sorted(n for n, p in groups["adamw"].items() if p.shape[0] == 1) == [
+        "halting.out.weight",
+        "memory.pool_score.weight",
+        "memory.write_gate.weight",
+    ]

@@ -305,7 +305,7 @@ def test_a_run_folder_with_another_config_is_refused(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_an_update_that_breaks_the_weights_never_overwrites_the_last_good_checkpoint(
-    data_dir, tmp_path, monkeypatch
+    data_dir, tmp_path, monkeypatch, capsys
 ):
     # The third update is finite (loss and gradient norm were computed before it) but leaves weights of 1e30, as
     # lr=1e30 does: every later loss is non-finite.
@@ -332,6 +332,10 @@ def test_an_update_that_breaks_the_weights_never_overwrites_the_last_good_checkp
     with pytest.raises(trainer.NonFiniteTrainingError) as raised:
         trainer.train(model_config(data_dir), config, data_dir, run, _single())
     assert f"{run / trainer.CHECKPOINT} (step 2)" in str(raised.value)
+    assert (
+        f"step 3: the weights, or the loss at them, are not finite; not saving them over {run / trainer.CHECKPOINT}"
+        in capsys.readouterr().out
+    )
     saved = checkpoint.load(run / trainer.CHECKPOINT)
     assert saved["progress"]["step"] == 2
     assert all(t.abs().max() < 1e3 for t in saved["model"].values() if t.is_floating_point())
@@ -385,8 +389,10 @@ def test_torchrun_two_processes_resume_after_a_kill_where_they_stopped(data_dir,
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         arguments = cli_args(data_dir, ddp, steps, grad_accum=2)[3:]
-        return [
-            "torchrun",
+        return [  # torchrun of this interpreter, as in the test above
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
             "--nproc_per_node=2",
             f"--master_port={port}",
             "-m",
@@ -437,9 +443,31 @@ def test_auto_precision_is_measured_recorded_and_kept_by_a_resumed_run(
     fake_peaks(0.87e12, 0.20e12)
     resumed = trainer.train(model_config(data_dir), config, data_dir, run, _single(), resume=True)
     assert resumed["precision"]["precision"] == "fp32" and resumed["steps"] == 2
+    # Its peaks are this machine's, measured anew (MFU against the fp32 peak here), and it is still "auto".
+    assert resumed["precision"]["setting"] == "auto" and resumed["peak_flops"] == 0.20e12
+    assert (resumed["precision"]["bf16_peak_flops"], resumed["precision"]["fp32_peak_flops"]) == (
+        0.87e12,
+        0.20e12,
+    )
     # A fresh run there takes bf16.
     fresh = trainer.train(model_config(data_dir), config, data_dir, tmp_path / "fresh", _single())
     assert fresh["precision"]["precision"] == "bf16" and fresh["peak_flops"] == 0.87e12
+
+
+def test_auto_precision_takes_bf16_only_where_every_process_measured_it_faster(monkeypatch):
+    """docs/speed.md: under DDP every process measures, and bf16 is used only if all agree. Another process that
+    measured fp32 faster is simulated by `all_true`."""
+    from types import SimpleNamespace
+
+    from cognate.train import precision
+
+    peaks = {torch.bfloat16: 0.87e12, torch.float32: 0.20e12}  # bf16 clearly faster here
+    monkeypatch.setattr(precision, "measure_matmul_flops", lambda dtype, device: peaks[dtype])
+    alone = SimpleNamespace(device=torch.device("cpu"), all_true=lambda flag: flag)
+    outvoted = SimpleNamespace(device=torch.device("cpu"), all_true=lambda flag: False)
+    assert trainer._run_precision("auto", None, alone).bf16 is True
+    chosen = trainer._run_precision("auto", None, outvoted)
+    assert chosen.bf16 is False and chosen.peak_flops == 0.20e12 and chosen.setting == "auto"
 
 
 def test_validation_reports_the_loss_after_each_step_and_the_spread_of_halting(data_dir):
@@ -470,3 +498,160 @@ def test_validation_reports_the_loss_after_each_step_and_the_spread_of_halting(d
     steps = torch.cat(steps).double()
     assert row["val_act_mean_steps"] == pytest.approx(steps.mean().item())
     assert row["val_act_var_steps"] == pytest.approx(steps.var(unbiased=False).item()) and steps.var() > 0
+
+
+class _Killed(Exception):
+    """Stands in for a SIGKILL: raised out of the training loop at a chosen moment."""
+
+
+def _kill_after_logging(monkeypatch, step: int) -> None:
+    """The run dies right after writing the log row of `step` (before that step's checkpoint, if it has one)."""
+    log = trainer.MetricsLog.log
+
+    def log_then_die(self, row):
+        log(self, row)
+        if row["step"] == step:
+            raise _Killed
+
+    monkeypatch.setattr(trainer.MetricsLog, "log", log_then_die)
+
+
+def _record_training_steps(monkeypatch) -> list[dict]:
+    """Each training micro-batch's input ids and the RNG state it starts from, as the model sees them."""
+    forward, seen = trainer.CognateModel.forward, []
+
+    def recording(self, input_ids, *args, **kwargs):
+        if self.training and torch.is_grad_enabled():  # not the checkpoint's no_grad soundness check
+            seen.append({"input_ids": input_ids.tolist(), "rng": torch.get_rng_state().tolist()})
+        return forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.CognateModel, "forward", recording)
+    return seen
+
+
+def test_an_in_process_resume_continues_where_the_checkpoint_stopped_as_an_uninterrupted_run_does(
+    data_dir, tmp_path, monkeypatch
+):
+    """A run killed between checkpoints and resumed trains on the same micro-batches, from the same RNG state
+    (dropout draws from it), with the same optimizer state and schedule position, as an uninterrupted run, and
+    its log, summary, best model and final checkpoint are that run's. A resume that silently restarted from
+    scratch, or restored only part of the state, gives other batches, losses or weights. Writing checkpoints
+    changes nothing either (their soundness check runs the model without drawing from the RNG), and the elapsed
+    time adds up over the two invocations."""
+    cfg = model_config(data_dir).replace(dropout=0.1)
+    config = TrainConfig(**{**TRAIN, "max_steps": 8, "checkpoint_interval": 3, "eval_interval": 2})
+    seen = _record_training_steps(monkeypatch)
+    straight = trainer.train(cfg, config, data_dir, tmp_path / "straight", _single())
+    straight_steps = list(seen)
+    trainer.train(cfg, config.replace(checkpoint_interval=1), data_dir, tmp_path / "every_step", _single())
+    assert losses(tmp_path / "every_step") == losses(tmp_path / "straight")
+
+    seen.clear()
+    run = tmp_path / "run"
+    started = time.perf_counter()
+    with monkeypatch.context() as patch:
+        _kill_after_logging(patch, 5)  # checkpoint at step 3; steps 4 and 5 are lost
+        with pytest.raises(_Killed):
+            trainer.train(cfg, config, data_dir, run, _single())
+    killed_after = time.perf_counter() - started
+    saved = checkpoint.load(run / trainer.CHECKPOINT)["progress"]
+    assert saved["step"] == 3 and 0 < saved["elapsed_s"] < killed_after
+    seen.clear()
+    started = time.perf_counter()
+    resumed = trainer.train(cfg, config, data_dir, run, _single(), resume=True)
+    resumed_for = time.perf_counter() - started
+
+    assert seen == straight_steps[3 * TRAIN["grad_accum"] :]  # batches and RNG of steps 4..8, in order
+    assert losses(run) == losses(tmp_path / "straight") and sorted(losses(run)) == list(range(1, 9))
+    elapsed = [json.loads(line)["elapsed_s"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(saved["elapsed_s"] < e < saved["elapsed_s"] + resumed_for for e in elapsed[3:])
+    assert saved["elapsed_s"] < resumed["wall_time_s"] < saved["elapsed_s"] + resumed_for
+    assert {k: v for k, v in resumed.items() if k != "wall_time_s"} == {
+        k: v for k, v in straight.items() if k != "wall_time_s"
+    }
+    for name in (trainer.CHECKPOINT, trainer.BEST_MODEL):
+        ours, theirs = checkpoint.load(run / name), checkpoint.load(tmp_path / "straight" / name)
+        assert_same_state(ours, theirs, skip={"elapsed_s"})
+
+
+def assert_same_state(ours, theirs, skip=frozenset(), path="state") -> None:
+    """Two nested checkpoint states hold the same values, tensors bit for bit (keys in `skip` not compared)."""
+    if isinstance(ours, dict):
+        assert set(ours) == set(theirs), path
+        for key in ours:
+            if key not in skip:
+                assert_same_state(ours[key], theirs[key], skip, f"{path}.{key}")
+    elif isinstance(ours, list | tuple):
+        assert len(ours) == len(theirs), path
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            assert_same_state(a, b, skip, f"{path}[{i}]")
+    elif isinstance(ours, torch.Tensor):
+        assert torch.equal(ours, theirs), path
+    else:
+        assert ours == theirs, path
+
+
+def test_a_resume_brings_a_new_time_budget_but_not_past_another_stop(data_dir, tmp_path):
+    """A run stopped by its time budget continues when resumed (a new invocation, a new budget); one stopped by
+    early stopping stays stopped; resuming a folder without a checkpoint starts the run."""
+    timed = TrainConfig(**{**TRAIN, "max_steps": 6, "max_minutes": 0.0})  # out of time after every step
+    run = tmp_path / "timed"
+    first = trainer.train(model_config(data_dir), timed, data_dir, run, _single(), resume=True)
+    assert first["stop_reason"] == "time budget reached" and first["steps"] == 1
+    second = trainer.train(model_config(data_dir), timed, data_dir, run, _single(), resume=True)
+    assert second["stop_reason"] == "time budget reached" and second["steps"] == 2
+
+    plateau = TrainConfig(
+        **{**TRAIN, "max_steps": 6, "eval_interval": 1, "patience": 1, "lr": 0.0, "muon_lr": 0.0}
+    )
+    run = tmp_path / "plateau"
+    stopped = trainer.train(model_config(data_dir), plateau, data_dir, run, _single())
+    assert stopped["stop_reason"].startswith("early stopping") and stopped["steps"] == 2
+    again = trainer.train(model_config(data_dir), plateau, data_dir, run, _single(), resume=True)
+    assert again["stop_reason"] == stopped["stop_reason"] and again["steps"] == 2
+
+
+def test_rank_0_decides_whether_to_resume_and_a_rank_that_cannot_see_its_checkpoint_stops(tmp_path):
+    """docs/pipeline.md: on --resume rank 0 decides and broadcasts; a rank that cannot see the checkpoint stops
+    the run with an error saying the folder must be shared. Another rank is simulated: `from_main` gives rank 0's
+    view, `all_true` the other ranks' (rank 0's own is true whenever it decided to resume)."""
+    from types import SimpleNamespace
+
+    with_checkpoint, without = tmp_path / "with", tmp_path / "without"
+    with_checkpoint.mkdir(), without.mkdir()
+    checkpoint.save_atomic({"step": 1}, with_checkpoint / trainer.CHECKPOINT)
+
+    def rank(main_sees_one: bool):
+        return SimpleNamespace(from_main=lambda flag: main_sees_one, all_true=lambda flag: flag)
+
+    assert trainer._checkpoint_to_resume(with_checkpoint, rank(True)) is True
+    assert trainer._checkpoint_to_resume(without, rank(False)) is False
+    assert (
+        trainer._checkpoint_to_resume(with_checkpoint, rank(False)) is False
+    )  # rank 0 has none: start afresh
+    with pytest.raises(trainer.RunFolderError) as stopped:
+        trainer._checkpoint_to_resume(without, rank(True))
+    assert str(stopped.value) == (
+        f"rank 0 resumes from {without / trainer.CHECKPOINT} but another rank cannot see it: "
+        "the run folder must be on a file system every node shares"
+    )
+
+
+def test_a_run_folder_compares_every_setting_as_stored_but_not_the_measured_precision(tmp_path):
+    """A setting only one of the two configs has is a difference; a tuple equals the list it is stored as; the
+    measured precision may differ (another machine); a folder without a checkpoint needs no --resume."""
+    run = tmp_path / "runs" / "new" / "run"  # parent folders made as needed
+    settings = {"model": {"d": 8}, "train": {"prompts": ("a", "b")}, "precision": {"bf16": False}}
+    trainer.prepare_run_dir(run, settings, resume=False, overwrite=False)
+    trainer.prepare_run_dir(run, {**settings, "precision": {"bf16": True}}, resume=False, overwrite=False)
+    with pytest.raises(trainer.RunFolderError, match=r"differs in: data\)"):
+        trainer.prepare_run_dir(run, {**settings, "data": "/elsewhere"}, resume=True, overwrite=False)
+    without_model = {k: v for k, v in settings.items() if k != "model"}
+    with pytest.raises(trainer.RunFolderError) as refused:
+        trainer.prepare_run_dir(run, {**without_model, "data": "/elsewhere"}, resume=True, overwrite=False)
+    assert str(refused.value) == (
+        f"{run} holds a run with a different config (differs in: data, model); "
+        "pass --overwrite to replace it or choose another folder"
+    )
+    stored = json.loads((run / trainer.RUN_CONFIG).read_text())
+    assert stored == {"model": {"d": 8}, "train": {"prompts": ["a", "b"]}, "precision": {"bf16": True}}
