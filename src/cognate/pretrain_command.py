@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 # Token budgets per size preset: the shared warm-up, then each seed. `tiny` on the built-in curriculum is sized to
-# finish in under 10 minutes on 2 CPU cores (1.85M tokens at ~4-5k tokens/s, plus validation, halting calibration,
+# finish in under 10 minutes on 2 CPU cores (1.6M tokens at ~4-5k tokens/s, plus validation, halting calibration,
 # export and the merge check; docs/pipeline.md has the measured time); `cognate-25m` is a real run for a GPU.
 # --warmup-tokens / --seed-tokens override them.
-BUDGETS = {"tiny": (800_000, 350_000), "cognate-25m": (50_000_000, 200_000_000)}
+BUDGETS = {"tiny": (700_000, 300_000), "cognate-25m": (50_000_000, 200_000_000)}
 TEST_BUDGET = (8_192, 8_192)
 # Small updates, frequent validation: a seed of `tiny` takes about 240 updates of 1,024 tokens. Early in training
 # the number of updates matters more than their size (on the real curriculum, 4 x 512 tokens per update reached a
