@@ -144,7 +144,8 @@ def test_long_recall_settings_name_every_bad_field():
 def test_long_recall_arms_are_config_overrides_of_one_model():
     settings = LongRecallSettings()
     arms = long_arms()
-    assert {"gated", "memory_off"} <= set(arms)
+    assert set(arms) == {"gated", "memory_off", "neural"}
+    assert long_model_config(settings, **arms["neural"]).mem_kind == "neural"
     gated = long_model_config(settings, **arms["gated"])
     assert gated.mem_capacity * gated.mem_chunk_size == settings.memory_span < settings.document_len(128)
     assert long_model_config(settings, **arms["memory_off"]) == gated.replace(mem_enabled=False)
@@ -161,7 +162,7 @@ def test_memory_recall_long_prints_one_json_line(capsys):
     result = json.loads(capsys.readouterr().out.strip())
     for arm in ("gated", "fifo", "memory_off"):
         assert 0.0 <= result[f"accuracy_{arm}"] <= 1.0
-    assert "accuracy_neural" in result and result["chance"] == pytest.approx(1 / 16, abs=1e-4)
+    assert 0 <= result["accuracy_neural"] <= 1 and result["chance"] == pytest.approx(1 / 16, abs=1e-4)
     assert result["long_len"] == 20 * 8 + 8 and result["memory_span"] == 64
     assert result["settings"]["long_chunks"] == 20
 

@@ -27,7 +27,7 @@ each a CognateConfig override trained by the same function:
     fifo        the gated arm's trained model, evaluated with eviction replaced by "keep the newest"
                 (LongTermMemory.eviction = "fifo")
     memory_off  mem_enabled=False
-    neural      mem_kind="neural", when the configuration has that field (else null)
+    neural      mem_kind="neural": the Titans neural memory
 """
 
 from __future__ import annotations
@@ -227,6 +227,7 @@ class LongRecallSettings:
     mem_topk: int = 4
     mem_dim: int = 32
     mem_decay: float = 0.99
+    mem_kind: str = "slots"
     w_read: float = 0.05
     w_write: float = 0.05
     train_chunks: int = 24
@@ -242,7 +243,7 @@ class LongRecallSettings:
         problems = [
             f"{name}={getattr(self, name)} must be positive"
             for name, value in asdict(self).items()
-            if name not in ("seed", "w_read", "w_write") and value <= 0
+            if name not in ("seed", "w_read", "w_write", "mem_kind") and value <= 0
         ]
         if self.n_pairs > self.n_keys:
             problems.append(
@@ -334,11 +335,12 @@ def long_model_config(settings: LongRecallSettings, **overrides) -> CognateConfi
 
 
 def long_arms() -> dict[str, dict]:
-    """Each trained arm as its CognateConfig overrides; the neural memory only where the configuration has it."""
-    arms = {"gated": {}, "memory_off": {"mem_enabled": False}}
-    if "mem_kind" in {f.name for f in dataclasses.fields(CognateConfig)}:
-        arms["neural"] = {"mem_kind": "neural"}
-    return arms
+    """Each trained arm as its CognateConfig overrides."""
+    return {
+        "gated": {"mem_kind": "slots"},
+        "memory_off": {"mem_enabled": False},
+        "neural": {"mem_kind": "neural"},
+    }
 
 
 @torch.no_grad()
@@ -376,7 +378,7 @@ def run_long(settings: LongRecallSettings) -> dict:
         "accuracy_gated": round(accuracy["gated"], 4),
         "accuracy_fifo": round(accuracy["fifo"], 4),
         "accuracy_memory_off": round(accuracy["memory_off"], 4),
-        "accuracy_neural": round(accuracy["neural"], 4) if "neural" in accuracy else None,
+        "accuracy_neural": round(accuracy["neural"], 4),
         "chance": round(1 / settings.n_values, 4),
         "train_seconds": {arm: round(value, 1) for arm, value in seconds.items()},
         "long_len": settings.document_len(settings.long_chunks),
