@@ -232,13 +232,9 @@ def halting_report(
         for name, times in seconds.items()
     }
     report["halting_prompt"] = "random" if prompt is random_prompt else "validation"
-    # Halting steps of the positions whose predictions were the generated tokens, by the rule generation used
-    # (memory read at any length: an empty state turns it on).
-    memory_state = None
-    if model.cfg.mem_enabled:
-        memory_state = model.memory.empty_state(model.cfg.t_infer, len(generated), device, torch.float32)
+    # Halting steps of the positions whose predictions were the generated tokens, by the rule generation used.
     with torch.no_grad(), autocast():
-        steps = model(generated, memory_state=memory_state).act["steps"][:, prompt.size(1) - 1 : -1]
+        steps = model(generated).act["steps"][:, prompt.size(1) - 1 : -1]
     report["halting_mean_steps"] = steps.float().mean().item()
     report["halting_speedup"] = report["halting_tokens_per_s"] / report["forced_tokens_per_s"]
     report["halting_loss_delta"] = None

@@ -88,18 +88,12 @@ def _cached_step(model: CognateModel) -> Callable[[Tensor], Tensor]:
 
 
 def _recomputing_step(model: CognateModel) -> Callable[[Tensor], Tensor]:
-    """The reference: evaluate the whole sequence again for every token, memory on at any length as in decode."""
+    """The reference: evaluate the whole sequence again for every token."""
     pieces: list[Tensor] = []
 
     def step(new: Tensor) -> Tensor:
         pieces.append(new)
-        sequence = torch.cat(pieces, dim=1)
-        memory_state = None
-        if model.cfg.mem_enabled:
-            memory_state = model.memory.empty_state(
-                model.cfg.t_infer, sequence.size(0), sequence.device, torch.float32
-            )
-        return model(sequence, memory_state=memory_state).logits[:, -1]
+        return model(torch.cat(pieces, dim=1)).logits[:, -1]
 
     return step
 

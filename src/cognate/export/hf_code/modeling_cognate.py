@@ -248,12 +248,10 @@ class CognateForCausalLM(PreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        memory_at_any_length: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits [B, S, V]. With `use_cache=True` or a cache (`cache` / `past_key_values`): the native decode,
-        continuing the cache, returned in the output. `memory_at_any_length`: without a cache, read memory at any
-        length as generation does (what `generate(use_cache=False)` sets)."""
+        continuing the cache, returned in the output."""
         cache = _pop_cache(kwargs)
         _reject_unsupported(kwargs)
         if use_cache or cache is not None:
@@ -265,29 +263,18 @@ class CognateForCausalLM(PreTrainedModel, GenerationMixin):
         padding = left_padding(attention_mask, batch, length, input_ids.device)
         groups = padding_groups(padding)
         if len(groups) == 1 and groups[0][1] == 0:
-            out = self.model(
-                input_ids,
-                targets=_targets(labels),
-                memory_state=self._memory(batch, input_ids, memory_at_any_length),
-            )
+            out = self.model(input_ids, targets=_targets(labels))
             return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
         if labels is not None:
             raise ValueError("labels are supported for unpadded batches only (attention_mask all ones)")
         logits = None
         for rows, pad in groups:
             ids = input_ids[rows, pad:]
-            out = self.model(ids, memory_state=self._memory(len(rows), ids, memory_at_any_length)).logits
+            out = self.model(ids).logits
             if logits is None:
                 logits = out.new_zeros(batch, length, out.size(-1))
             logits[rows, pad:] = out
         return CausalLMOutputWithPast(logits=logits)
-
-    def _memory(self, batch: int, input_ids: torch.Tensor, at_any_length: bool):
-        """An empty memory state: the same output as none (memory runs at every length), kept for the cache."""
-        cfg = self.model.cfg
-        if not (at_any_length and cfg.mem_enabled):
-            return None
-        return self.model.memory.empty_state(cfg.t_infer, batch, input_ids.device, torch.float32)
 
     def _continuable(
         self, cache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
@@ -312,11 +299,7 @@ class CognateForCausalLM(PreTrainedModel, GenerationMixin):
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("generation from inputs_embeds is not supported; pass input_ids")
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": use_cache}
-        if not use_cache:
-            inputs["memory_at_any_length"] = (
-                True  # the whole sequence again, read as native generation reads it
-            )
-        elif cache is not None:
+        if use_cache and cache is not None:
             inputs["input_ids"] = input_ids[:, cache.get_seq_length() :]  # the columns the cache has not read
             inputs[CACHE_FIELD] = cache
         return inputs
