@@ -73,24 +73,14 @@ class RecallSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        problems = [
-            f"{name}={getattr(self, name)} must be positive"
-            for name, value in asdict(self).items()
-            if name not in ("seed", "w_read", "w_write", "mem_kind") and value <= 0
-        ]
-        if self.n_pairs > self.n_keys:
-            problems.append(
-                f"n_pairs={self.n_pairs} exceeds n_keys={self.n_keys} (keys are queried uniquely)"
-            )
-        if self.chunk_size < 2:
-            problems.append(f"chunk_size={self.chunk_size} must hold a key and its value (at least 2)")
+        problems = _shared_problems(self)
         if problems:
             raise ConfigError("invalid memory-recall settings: " + "; ".join(problems))
 
     @property
     def attention_reach(self) -> int:
         """How far back any position's state can depend on through attention alone."""
-        return self.refinement_steps * self.n_layers * (self.attn_window - 1)
+        return _attention_reach(self)
 
     @property
     def gap(self) -> int:
@@ -104,6 +94,26 @@ class RecallSettings:
     @property
     def vocab_size(self) -> int:
         return self.n_filler + self.n_keys + self.n_values
+
+
+def _shared_problems(settings: RecallSettings | LongRecallSettings) -> list[str]:
+    """What is wrong with the settings both benchmarks share."""
+    problems = [
+        f"{name}={value} must be positive"
+        for name, value in asdict(settings).items()
+        if name not in ("seed", "w_read", "w_write", "mem_kind") and value <= 0
+    ]
+    if settings.n_pairs > settings.n_keys:
+        problems.append(
+            f"n_pairs={settings.n_pairs} exceeds n_keys={settings.n_keys} (keys are queried uniquely)"
+        )
+    if settings.chunk_size < 2:
+        problems.append(f"chunk_size={settings.chunk_size} must hold a key and its value (at least 2)")
+    return problems
+
+
+def _attention_reach(settings: RecallSettings | LongRecallSettings) -> int:
+    return settings.refinement_steps * settings.n_layers * (settings.attn_window - 1)
 
 
 def model_config(settings: RecallSettings, memory: bool) -> CognateConfig:
@@ -240,17 +250,7 @@ class LongRecallSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        problems = [
-            f"{name}={getattr(self, name)} must be positive"
-            for name, value in asdict(self).items()
-            if name not in ("seed", "w_read", "w_write", "mem_kind") and value <= 0
-        ]
-        if self.n_pairs > self.n_keys:
-            problems.append(
-                f"n_pairs={self.n_pairs} exceeds n_keys={self.n_keys} (keys are queried uniquely)"
-            )
-        if self.chunk_size < 2:
-            problems.append(f"chunk_size={self.chunk_size} must hold a key and its value (at least 2)")
+        problems = _shared_problems(self)
         if self.mem_topk > self.mem_capacity:
             problems.append(f"mem_topk={self.mem_topk} exceeds mem_capacity={self.mem_capacity}")
         if not 0.0 < self.mem_decay <= 1.0:
@@ -266,7 +266,7 @@ class LongRecallSettings:
 
     @property
     def attention_reach(self) -> int:
-        return self.refinement_steps * self.n_layers * (self.attn_window - 1)
+        return _attention_reach(self)
 
     @property
     def tail_chunks(self) -> int:
