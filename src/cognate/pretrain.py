@@ -251,15 +251,15 @@ def _evaluate(
     data = TrainingData(data_dir, batch_size=plan.train.batch_size, seed=0, dist=dist)
     model = model.to(dist.device)
     autocast = autocast_for(dist.device, resolve_precision(plan.train.bf16, dist.device).bf16)
-    calibration = None
     if calibrate and plan.halting_loss_budget is not None:
         calibration = calibrate_halting(
             model, data, plan.eval_batches, autocast, dist, plan.halting_loss_budget
         )
-    metrics = trainer.validate(model, data, plan.eval_batches, autocast, dist)
-    if calibration is not None:
+        metrics = dict(calibration.validation)  # measured at the calibrated threshold
         metrics["act_threshold"] = calibration.threshold
         metrics["val_halting_loss_delta"] = calibration.loss_delta
+    else:
+        metrics = trainer.validate(model, data, plan.eval_batches, autocast, dist)
     accuracy = heldout_solution_accuracy(model, data_dir, autocast)
     if accuracy is not None:
         metrics["heldout_synthetic_solution_accuracy"] = accuracy

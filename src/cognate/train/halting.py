@@ -41,6 +41,9 @@ class HaltingCalibration:
     within_budget: bool
     budget: float  # min(cap, share · G)
     measured: dict[float, float]  # threshold -> loss delta, for every threshold tried
+    validation: (
+        dict  # `trainer.validate`'s figures of the model as calibrated (at τ*), so nobody measures them again
+    )
 
     def to_dict(self) -> dict:
         return {
@@ -75,7 +78,7 @@ def calibrate_halting(
         figures = validate(model, data, n_batches, autocast, dist)
         mean_steps, var_steps = figures["val_act_mean_steps"], figures["val_act_var_steps"]
         return HaltingCalibration(
-            cfg.act_threshold, 0.0, mean_steps, var_steps, figures["val_loss"], 0.0, True, cap, {}
+            cfg.act_threshold, 0.0, mean_steps, var_steps, figures["val_loss"], 0.0, True, cap, {}, figures
         )
 
     def measure(**changes) -> dict:
@@ -110,6 +113,7 @@ def calibrate_halting(
         within_budget=chosen["val_loss"] - forced_loss <= budget,
         budget=budget,
         measured={t: f["val_loss"] - forced_loss for t, f in figures.items()},
+        validation=chosen,
     )
 
 
