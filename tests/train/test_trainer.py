@@ -108,6 +108,24 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
+def torchrun_command(cli: list[str]) -> list[str]:
+    """`cli` (a `cli_args` command) run by 2 processes under the torchrun of this interpreter, on a free port: a
+    `torchrun` on PATH may belong to another environment, or be absent."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        "-m",
+        "cognate.cli",
+        *cli[3:],
+    ]
+
+
 def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -354,19 +372,7 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(dat
         cli_args(data_dir, single, steps, grad_accum=4, bf16=False), check=True, env=ENV, capture_output=True
     )
     ddp = tmp_path / "ddp"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [  # torchrun of this interpreter: a `torchrun` on PATH may belong to another environment, or be absent
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={port}",
-        "-m",
-        "cognate.cli",
-        *cli_args(data_dir, ddp, steps, grad_accum=2, bf16=False)[3:],
-    ]
+    command = torchrun_command(cli_args(data_dir, ddp, steps, grad_accum=2, bf16=False))
     result = subprocess.run(command, env=ENV, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = losses(single), losses(ddp)
@@ -385,21 +391,7 @@ def test_torchrun_two_processes_resume_after_a_kill_where_they_stopped(data_dir,
     ddp = tmp_path / "ddp"
 
     def torchrun(*extra: str) -> list[str]:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        arguments = cli_args(data_dir, ddp, steps, grad_accum=2)[3:]
-        return [  # torchrun of this interpreter, as in the test above
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            f"--master_port={port}",
-            "-m",
-            "cognate.cli",
-            *arguments,
-            *extra,
-        ]
+        return torchrun_command([*cli_args(data_dir, ddp, steps, grad_accum=2), *extra])
 
     process = subprocess.Popen(
         torchrun(), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
