@@ -101,17 +101,23 @@ class MemoryState:
         that start a new document while the others continue theirs. Needs no pending tokens (they would be
         prepended to every row): a batch whose rows are whole chunks, as a row length divisible by the chunk size
         gives."""
-        if self.pending_states.shape[2]:
-            raise ValueError(
-                f"cannot empty single sequences of a memory state holding {self.pending_states.shape[2]} pending "
-                "tokens: make the row length a multiple of mem_chunk_size"
-            )
+        check_no_pending(self.pending_states)
         keep = ~sequences.to(device=self.keys.device, dtype=torch.bool)
         return replace(
             self,
             keys=self.keys * keep[None, :, None, None],
             values=self.values * keep[None, :, None, None],
             strength=self.strength * keep[None, :, None],
+        )
+
+
+def check_no_pending(pending_states: Tensor) -> None:
+    """A carried state whose single sequences may be emptied holds no pending tokens ([T, B, r, d_model]): they
+    would be prepended to every row of the next call, whichever document it starts."""
+    if pending_states.shape[2]:
+        raise ValueError(
+            f"cannot empty single sequences of a memory state holding {pending_states.shape[2]} pending "
+            "tokens: make the row length a multiple of mem_chunk_size"
         )
 
 

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cognate.model.config import CognateConfig
+from cognate.model.memory import check_no_pending
 
 # Tokens each q/k/v convolution sees: the token and the three before it.
 CONV_WIDTH = 4
@@ -97,11 +98,7 @@ class NeuralMemoryState:
         """The memory with the sequences marked in `sequences` ([B] bool) back to empty (W = W_0, no momentum, no
         context) and the others kept: batch rows that start a new document while the others continue theirs.
         Needs no pending tokens, as `MemoryState.reset` does."""
-        if self.pending_states.shape[2]:
-            raise ValueError(
-                f"cannot empty single sequences of a memory state holding {self.pending_states.shape[2]} pending "
-                "tokens: make the row length a multiple of mem_chunk_size"
-            )
+        check_no_pending(self.pending_states)
         keep = ~sequences.to(device=self.offset1.device, dtype=torch.bool)
         return replace(
             self,
