@@ -7,14 +7,12 @@ import re
 
 import pytest
 import torch
+from model_testing import small_tokenizer_and_config
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from cognate.data import synthetic
-from cognate.data.tokenizer import train_tokenizer
 from cognate.export.hf import CODE_FILE, export_hf
 from cognate.merge import Recipe, apply_recipe
-from cognate.model.config import get_preset
 from cognate.model.model import CognateModel
 
 # mergekit/architecture/auto.py: the first `.{number}.` in a tensor name marks a stack of layers.
@@ -33,17 +31,7 @@ def offline():
 def hf_dirs(tmp_path_factory):
     """Three hf_format/ folders: models perturbed from one shared initialisation, as merged seeds are, and that
     initialisation's folder (the base of TIES)."""
-    texts = [d.text for docs in synthetic.generate(seed=3).values() for d in docs][:300]
-    tokenizer = train_tokenizer(texts, vocab_size=400)
-    config = get_preset("tiny").replace(
-        vocab_size=len(tokenizer),
-        d_model=32,
-        n_heads=2,
-        n_layers=3,
-        ffn_hidden=64,
-        mem_dim=16,
-        mem_chunk_size=16,
-    )
+    tokenizer, config = small_tokenizer_and_config(3, n_layers=3, mem_chunk_size=16)
     assert config.act_enabled and config.mem_enabled  # every kind of tensor is exported
     torch.manual_seed(0)
     shared = CognateModel(config).state_dict()

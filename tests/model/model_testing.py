@@ -53,13 +53,6 @@ def small_tokenizer_and_config(seed: int, **changes):
 
     texts = [d.text for docs in synthetic.generate(seed=seed).values() for d in docs][:300]
     tokenizer = train_tokenizer(texts, vocab_size=400)
-    config = get_preset("tiny").replace(
-        vocab_size=len(tokenizer),
-        d_model=32,
-        n_heads=2,
-        n_layers=2,
-        ffn_hidden=64,
-        mem_dim=16,
-        **changes,
-    )
+    small = dict(d_model=32, n_heads=2, n_layers=2, ffn_hidden=64, mem_dim=16)
+    config = get_preset("tiny").replace(vocab_size=len(tokenizer), **{**small, **changes})
     return tokenizer, config
